@@ -1,0 +1,45 @@
+# The two commands a newcomer needs: `make demo` and `make test`.
+# Everything installs into .venv; nothing outside it is touched except Debian packages
+# the tests need (installed with apt-get when run as root, otherwise named and the run stops).
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the acceptance tests drive for real.
+TEST_DEBS := etcd-server etcd-client haproxy nginx prometheus redis-server redis-sentinel iproute2
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint format venv system-deps clean unit
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/controlplane demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check controlplane tests bench
+	$(BIN)/ruff format --check controlplane tests bench
+	$(BIN)/mypy --strict controlplane
+
+format: $(STAMP)
+	$(BIN)/ruff format controlplane tests bench
+	$(BIN)/ruff check --fix controlplane tests bench
+
+system-deps:
+	@./scripts/ensure-system-deps $(TEST_DEBS)
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
+
+test: $(STAMP) system-deps lint
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis

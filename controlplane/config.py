@@ -1,0 +1,478 @@
+"""Configuration: YAML in, typed immutable settings out, or every mistake at once.
+
+An SRE editing a config during an outage needs the whole list of what is wrong, each
+with where and what was found, not one error per restart. `load_settings` returns a
+frozen `Settings` or raises `ConfigError` whose `problems` read
+`path.to.field: what is wrong (got value)`. Unknown keys are errors (a typo such as
+`recovery_hold: 30` must not silently keep the default). Secrets never live in the file:
+the file names an environment variable or a file, resolved when the agent starts.
+
+The structure is checked by pydantic (strict, frozen models that forbid unknown keys);
+the cross-references (an agent's region exists, demand names a known service, addresses
+are unique) are checked by `_cross_check` on the raw data, so both kinds of mistake are
+reported together.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from controlplane.errors import ConfigError
+from controlplane.model import FeatureSpec, Policy, RegionSpec
+
+NAME = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
+Name = Annotated[str, Field(pattern=NAME)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+
+def _host_port(value: str) -> str:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be host:port with a port between 1 and 65535")
+    return value
+
+
+class SecretRef(_Strict):
+    """Where a secret comes from: an environment variable or a file, never the YAML."""
+
+    env: str | None = Field(default=None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    file: Path | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SecretRef:
+        if (self.env is None) == (self.file is None):
+            raise ValueError("give exactly one of env or file")
+        return self
+
+    def resolve(self, path: str) -> str:
+        """The secret's value; `ConfigError` naming `path` when it is missing or empty."""
+        if self.env is not None:
+            value = os.environ.get(self.env, "")
+            if not value:
+                raise ConfigError([f"{path}.env: environment variable {self.env} is not set or empty"])
+            return value
+        assert self.file is not None  # guaranteed by model_post_init
+        try:
+            value = self.file.read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise ConfigError([f"{path}.file: cannot read ({self.file}: {e.strerror})"]) from e
+        if not value:
+            raise ConfigError([f"{path}.file: file is empty ({self.file})"])
+        return value
+
+
+class AgentConfig(_Strict):
+    id: Name
+    region: Name
+    raft: str
+    http: str
+
+    @field_validator("raft", "http")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        return _host_port(v)
+
+
+class ClusterConfig(_Strict):
+    name: Name = "controlplane"
+    secret: SecretRef = SecretRef(env="CONTROLPLANE_CLUSTER_SECRET")
+    agents: Annotated[tuple[AgentConfig, ...], Field(min_length=1, max_length=15)]
+
+
+class ProbeDefaults(_Strict):
+    interval_s: PositiveFloat = 1.0
+    timeout_s: PositiveFloat = 0.8
+    rise: Annotated[int, Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Field(ge=1, le=100)] = 3
+    expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = ()
+    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
+
+
+class TargetConfig(_Strict):
+    """One probe target. `url` is http(s)://... or tcp://host:port; the rest override `probes`."""
+
+    url: str
+    interval_s: PositiveFloat | None = None
+    timeout_s: PositiveFloat | None = None
+    rise: Annotated[int, Field(ge=1, le=100)] | None = None
+    fall: Annotated[int, Field(ge=1, le=100)] | None = None
+    expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+            return v
+        if v.startswith("tcp://"):
+            _host_port(v.removeprefix("tcp://"))
+            return v
+        raise ValueError("must be http://host:port/path, https://... or tcp://host:port")
+
+
+def _target(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class RegionServiceConfig(_Strict):
+    targets: Annotated[tuple[TargetConfig, ...], Field(min_length=1, max_length=32)]
+    capacity_rps: PositiveFloat | None = None
+    weight: PositiveFloat | None = None
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        return [_target(t) for t in v] if isinstance(v, list) else v
+
+
+class RegionConfig(_Strict):
+    capacity_rps: PositiveFloat
+    weight: PositiveFloat | None = None
+    services: Annotated[dict[Name, RegionServiceConfig], Field(min_length=1)]
+
+
+class PolicyConfig(_Strict):
+    observer_quorum: Annotated[int, Field(ge=1)] | None = None
+    observation_ttl_s: PositiveFloat = 10.0
+    min_healthy_regions: Annotated[int, Field(ge=1)] = 1
+    recovery_hold_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
+    ramp_steps: Annotated[tuple[Annotated[float, Field(gt=0, le=1)], ...], Field(min_length=1)] = (
+        0.25,
+        0.5,
+        1.0,
+    )
+    ramp_step_s: PositiveFloat = 10.0
+    failover_budget_s: PositiveFloat = 30.0
+    slow_ms: PositiveFloat = 1000.0
+    utilization_high: Annotated[float, Field(gt=0, le=1)] = 0.8
+    degraded_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
+    restore_margin: Annotated[float, Field(ge=0, le=1)] = 0.1
+    demand_rps: dict[Name, PositiveFloat] = {}
+
+    @field_validator("ramp_steps")
+    @classmethod
+    def _ramp(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if list(v) != sorted(v) or v[-1] != 1.0:
+            raise ValueError("must increase and end at 1.0")
+        return v
+
+
+class FeatureConfig(_Strict):
+    level: Annotated[int, Field(ge=1, le=10)]
+    saves: Fraction = 0.0
+    services: tuple[Name, ...] = ()
+
+
+class AuthConfig(_Strict):
+    admin_token: SecretRef | None = SecretRef(env="CONTROLPLANE_ADMIN_TOKEN")
+    read_token: SecretRef | None = None
+
+
+class ApiConfig(_Strict):
+    max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    max_watchers: Annotated[int, Field(ge=1, le=100_000)] = 20_000
+    max_wait_s: Annotated[float, Field(gt=0, le=600)] = 300.0
+    history_page_max: Annotated[int, Field(ge=1, le=10_000)] = 500
+
+
+class RaftConfig(_Strict):
+    election_timeout_min_s: PositiveFloat = 0.4
+    election_timeout_max_s: PositiveFloat = 0.8
+    heartbeat_s: PositiveFloat = 0.05
+    leader_fallback_s: PositiveFloat = 1.5
+    commit_timeout_s: PositiveFloat = 3.0
+
+
+class TlsConfig(_Strict):
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+
+class EtcdConfig(_Strict):
+    endpoints: Annotated[tuple[str, ...], Field(min_length=1)]
+    prefix: str = Field(default="/controlplane", pattern=r"^/[A-Za-z0-9/_.-]*$")
+    lease_ttl_s: Annotated[int, Field(ge=2, le=300)] = 5
+    timeout_s: PositiveFloat = 3.0
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password: SecretRef | None = None
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for e in v:
+            _host_port(re.sub(r"^https?://", "", e))
+        return v
+
+
+class BackendConfig(_Strict):
+    kind: Literal["raft", "etcd"] = "raft"
+    raft: RaftConfig = RaftConfig()
+    etcd: EtcdConfig | None = None
+
+
+class SettingsModel(_Strict):
+    cluster: ClusterConfig
+    regions: Annotated[dict[Name, RegionConfig], Field(min_length=1)]
+    probes: ProbeDefaults = ProbeDefaults()
+    policy: PolicyConfig = PolicyConfig()
+    features: dict[Name, FeatureConfig] = {}
+    auth: AuthConfig = AuthConfig()
+    api: ApiConfig = ApiConfig()
+    backend: BackendConfig = BackendConfig()
+    data_dir: Path = Path("/var/lib/controlplane")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated configuration plus the derived decision `Policy`."""
+
+    model: SettingsModel
+    policy: Policy
+    source: str
+
+    @property
+    def cluster(self) -> ClusterConfig:
+        return self.model.cluster
+
+    @property
+    def regions(self) -> Mapping[str, RegionConfig]:
+        return self.model.regions
+
+    @property
+    def services(self) -> tuple[str, ...]:
+        return self.policy.services
+
+    def agent(self, agent_id: str) -> AgentConfig:
+        for a in self.model.cluster.agents:
+            if a.id == agent_id:
+                return a
+        known = ", ".join(a.id for a in self.model.cluster.agents)
+        raise ConfigError([f"agent id: {agent_id!r} is not in cluster.agents (known: {known})"])
+
+
+# ---------------------------------------------------------------------------
+
+
+def _fmt_loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _fmt_value(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _problems_from(error: ValidationError) -> list[str]:
+    problems = []
+    errors = error.errors(include_url=False)
+    locs = [e["loc"] for e in errors]
+    for e in errors:
+        # A too-short list whose items failed is reported through its items.
+        if e["type"] == "too_short" and any(
+            len(o) > len(e["loc"]) and o[: len(e["loc"])] == e["loc"] for o in locs
+        ):
+            continue
+        # pydantic names the branch of a union or a validator in the location; drop it.
+        loc = tuple(
+            p for p in e["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-")))
+        )
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            problems.append(f"{_fmt_loc(loc)}: required but missing")
+            continue
+        problems.append(f"{_fmt_loc(loc)}: {msg[0].lower() + msg[1:]} (got {_fmt_value(e['input'])})")
+    return problems
+
+
+def _cross_check(raw: Mapping[str, Any]) -> list[str]:
+    """References between sections; tolerant of structurally broken data."""
+    problems: list[str] = []
+
+    def mapping(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    regions = mapping(raw.get("regions"))
+    services: set[str] = set()
+    for region in regions.values():
+        services.update(str(s) for s in mapping(mapping(region).get("services")))
+
+    agents = mapping(raw.get("cluster")).get("agents")
+    seen: dict[str, dict[Any, int]] = {"id": {}, "raft": {}, "http": {}}
+    for i, item in enumerate(agents if isinstance(agents, list) else []):
+        agent = mapping(item)
+        region = agent.get("region")
+        if isinstance(region, str) and regions and region not in regions:
+            problems.append(f"cluster.agents[{i}].region: not a region in regions (got {region!r})")
+        for key, first in seen.items():
+            value = agent.get(key)
+            if value is None:
+                continue
+            if value in first:
+                problems.append(
+                    f"cluster.agents[{i}].{key}: same as cluster.agents[{first[value]}] (got {value!r})"
+                )
+            else:
+                first[value] = i
+
+    policy = mapping(raw.get("policy"))
+    for service in mapping(policy.get("demand_rps")):
+        if service not in services:
+            problems.append(f"policy.demand_rps.{service}: not a service of any region (got {service!r})")
+    mhr = policy.get("min_healthy_regions")
+    if isinstance(mhr, int) and regions and mhr > len(regions):
+        problems.append(
+            f"policy.min_healthy_regions: more than the {len(regions)} regions configured (got {mhr})"
+        )
+    quorum = policy.get("observer_quorum")
+    if isinstance(quorum, int) and isinstance(agents, list) and quorum > len(agents):
+        problems.append(f"policy.observer_quorum: more than the {len(agents)} agents (got {quorum})")
+
+    for name, feature in mapping(raw.get("features")).items():
+        for j, service in enumerate(mapping(feature).get("services") or []):
+            if service not in services:
+                problems.append(
+                    f"features.{name}.services[{j}]: not a service of any region (got {service!r})"
+                )
+
+    for service in sorted(services):
+        with_weight = [
+            r
+            for r, region in regions.items()
+            if service in mapping(mapping(region).get("services"))
+            and (
+                mapping(region).get("weight") is not None
+                or mapping(mapping(mapping(region).get("services")).get(service)).get("weight") is not None
+            )
+        ]
+        running = [r for r, region in regions.items() if service in mapping(mapping(region).get("services"))]
+        if with_weight and len(with_weight) != len(running):
+            missing = sorted(set(running) - set(with_weight))
+            problems.append(
+                f"regions.{missing[0]}.services.{service}.weight: set a weight in every region running "
+                f"{service} or in none (got none here, but {', '.join(with_weight)} set one)"
+            )
+
+    backend = mapping(raw.get("backend"))
+    if backend.get("kind") == "etcd" and backend.get("etcd") is None:
+        problems.append("backend.etcd: required when backend.kind is etcd (got nothing)")
+    raft = mapping(backend.get("raft"))
+    lo, hi, hb = (
+        raft.get("election_timeout_min_s", 0.4),
+        raft.get("election_timeout_max_s", 0.8),
+        raft.get("heartbeat_s", 0.05),
+    )
+    if all(isinstance(x, int | float) for x in (lo, hi, hb)):
+        if hi <= lo:
+            problems.append(
+                f"backend.raft.election_timeout_max_s: must exceed election_timeout_min_s (got {hi})"
+            )
+        if lo <= 3 * hb:
+            problems.append(f"backend.raft.heartbeat_s: must be below election_timeout_min_s / 3 (got {hb})")
+    return problems
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
+
+
+def _construct_mapping(
+    loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False
+) -> dict[Any, Any]:
+    mapping: dict[Any, Any] = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in mapping:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        mapping[key] = loader.construct_object(value_node, deep=deep)
+    return mapping
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _build_policy(m: SettingsModel) -> Policy:
+    services: list[str] = []
+    for region in m.regions.values():
+        services.extend(s for s in region.services if s not in services)
+    regions = []
+    for name, region in m.regions.items():
+        capacity = {s: sc.capacity_rps or region.capacity_rps for s, sc in region.services.items()}
+        base = {s: sc.weight or region.weight or capacity[s] for s, sc in region.services.items()}
+        regions.append(RegionSpec(name=name, capacity_rps=capacity, base_weight=base))
+    p = m.policy
+    return Policy(
+        regions=tuple(regions),
+        services=tuple(services),
+        demand_rps=dict(p.demand_rps),
+        features=tuple(
+            FeatureSpec(name=n, level=f.level, saves=f.saves, services=f.services)
+            for n, f in m.features.items()
+        ),
+        observer_quorum=p.observer_quorum,
+        observation_ttl_s=p.observation_ttl_s,
+        min_healthy_regions=p.min_healthy_regions,
+        recovery_hold_s=p.recovery_hold_s,
+        ramp_steps=p.ramp_steps,
+        ramp_step_s=p.ramp_step_s,
+        failover_budget_s=p.failover_budget_s,
+        slow_ms=p.slow_ms,
+        utilization_high=p.utilization_high,
+        degraded_factor=p.degraded_factor,
+        restore_margin=p.restore_margin,
+    )
+
+
+def parse_settings(raw: Any, source: str = "<config>") -> Settings:
+    """Validate already-parsed YAML data; `ConfigError` lists every problem."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"(top level): must be a mapping of sections (got {_fmt_value(raw)})"])
+    problems: list[str] = []
+    model: SettingsModel | None = None
+    try:
+        model = SettingsModel.model_validate(raw)
+    except ValidationError as e:
+        problems.extend(_problems_from(e))
+    problems.extend(_cross_check(raw))
+    if problems or model is None:
+        raise ConfigError(sorted(dict.fromkeys(problems)))
+    return Settings(model=model, policy=_build_policy(model), source=source)
+
+
+def load_settings(path: str | os.PathLike[str]) -> Settings:
+    """Read and validate a YAML file; `ConfigError` lists every problem found."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([f"{p}: cannot read ({e.strerror})"]) from e
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "YAML"
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([f"{where}: {problem} (not valid YAML)"]) from e
+    return parse_settings(raw, source=str(p))

@@ -1,0 +1,171 @@
+"""The replicated control state, and the contract every backend keeps.
+
+The agent talks to one `ControlStore`; it never asks which backend it is. A backend
+(embedded Raft with pysyncobj, or an external etcd) keeps, replicated across the
+cluster:
+
+- the latest observation of every (observer, region, service);
+- the standing operator intents, each with a commit sequence number;
+- the latest committed decision (one per revision, revisions only grow);
+- a bounded history of decisions and intents.
+
+Guarantees every backend gives (the shared behaviour suite in
+`tests/consensus/` checks them):
+
+- `state()` returns what this member has applied locally, never a value that was not
+  committed by a quorum. It may lag the leader; it never blocks and never raises.
+- `commit_decision` is a compare-and-set: it succeeds only if `decision.revision` is
+  exactly one past the committed decision's revision and the caller is still the
+  leader in `decision.term`. So no two decisions are ever committed under the same
+  revision, and a deposed leader's late write is refused.
+- `submit_intent`, `delete_intent` and `publish_observations` are atomic: either the
+  whole command is committed and applied on every member, or nothing is. They may be
+  called on any member (a Raft follower forwards to the leader).
+- Every write raises `NoQuorum` (or another `StoreError`) when it cannot be committed
+  within its timeout; the caller may retry. When a write times out it may still be
+  committed later: callers make writes idempotent (intents carry a client-chosen id).
+- `Rejected` means the command was refused by the state machine (an undrain with
+  nothing to undrain); nothing changed.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from controlplane.model import Decision, Intent, Observation
+
+# How much history every member keeps; older entries are dropped.
+HISTORY_LIMIT = 1000
+
+ObservationKey = tuple[str, str, str]  # (observer, region, service)
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One line of the audit trail: a committed decision, intent or intent removal."""
+
+    kind: str  # "decision" | "intent" | "intent-removed"
+    at: float
+    revision: int
+    summary: str
+    intent_id: str | None = None
+    who: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ControlState:
+    """An immutable snapshot of the replicated state as this member has applied it.
+
+    `version` grows with every applied change (the Raft commit index, or the etcd
+    store revision) and is what `wait_for_change` compares against.
+    """
+
+    version: int = 0
+    decision: Decision | None = None
+    intents: Mapping[str, Intent] = field(default_factory=dict)
+    intent_seq: int = 0
+    observations: Mapping[ObservationKey, Observation] = field(default_factory=dict)
+    history: tuple[HistoryEntry, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    id: str
+    address: str
+    connected: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStatus:
+    """What this member knows about the consensus group right now.
+
+    `has_quorum` is this member's own belief that it is in contact with a majority
+    (a leader: a majority acknowledged it recently; a follower: it heard from a
+    leader recently). `quorum_lost_at` is the wall time it last lost that belief, or
+    None while it has it; the API reports staleness from it.
+    """
+
+    member_id: str
+    leader: str | None
+    is_leader: bool
+    term: int
+    commit_index: int
+    members: tuple[MemberStatus, ...]
+    has_quorum: bool
+    quorum_lost_at: float | None = None
+    backend: str = ""
+
+
+class ControlStore(abc.ABC):
+    """One member's handle on the replicated control state."""
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Join the group and begin applying committed state. Raises `StoreError`."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Leave cleanly: stop background threads and tasks, flush what can be flushed."""
+
+    @abc.abstractmethod
+    def state(self) -> ControlState:
+        """The latest locally applied snapshot. Never blocks, never raises."""
+
+    @abc.abstractmethod
+    def status(self) -> StoreStatus:
+        """Leader, term, commit index, members and quorum as this member sees them."""
+
+    @abc.abstractmethod
+    async def wait_for_change(self, after_version: int, timeout_s: float) -> ControlState:
+        """Return as soon as `state().version > after_version`, or at the timeout.
+
+        Returns the state either way; the caller compares versions.
+        """
+
+    @abc.abstractmethod
+    async def publish_observations(self, observer: str, observations: Sequence[Observation]) -> None:
+        """Replace `observer`'s observations of the given (region, service) pairs."""
+
+    @abc.abstractmethod
+    async def submit_intent(self, intent: Intent) -> Intent:
+        """Commit an operator intent; returns it with `seq` assigned.
+
+        Applied with `controlplane.intents.apply_intent`. Submitting the same `id`
+        twice applies it once and returns the committed one.
+        """
+
+    @abc.abstractmethod
+    async def delete_intent(self, intent_id: str, who: str, reason: str) -> Intent:
+        """Remove one standing intent; returns it. `NotFound` when it does not stand."""
+
+    @abc.abstractmethod
+    async def commit_decision(self, decision: Decision) -> Decision:
+        """Compare-and-set the decision (see the module docstring); returns it as committed.
+
+        The caller stamps `term`, `leader` and `committed_at` before calling.
+        Raises `NotLeader` when this member does not lead in `decision.term`,
+        `Conflict` when the revision is not the next one, `NoQuorum` on timeout.
+        """
+
+
+def history_add(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
+    """Append to a history tuple, keeping only the newest `HISTORY_LIMIT` entries."""
+    if len(history) >= HISTORY_LIMIT:
+        history = history[len(history) - HISTORY_LIMIT + 1 :]
+    return (*history, entry)
+
+
+def observations_replace(
+    current: Mapping[ObservationKey, Observation],
+    observer: str,
+    observations: Sequence[Observation],
+) -> dict[ObservationKey, Observation]:
+    """The observation map after `observer` published `observations`."""
+    out = dict(current)
+    for o in observations:
+        if o.observer != observer:
+            continue
+        out[(o.observer, o.region, o.service)] = o
+    return out
