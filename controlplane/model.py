@@ -166,15 +166,21 @@ class Policy:
     degraded_factor: float = 0.5
     restore_margin: float = 0.1
 
+    _by_name: Mapping[str, RegionSpec] = field(init=False, repr=False, compare=False)
+    _by_service: Mapping[str, tuple[RegionSpec, ...]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Lookups decide() makes thousands of times per call on large deployments.
+        object.__setattr__(self, "_by_name", {r.name: r for r in self.regions})
+        by_service = {s: tuple(r for r in self.regions if s in r.capacity_rps) for s in self.services}
+        object.__setattr__(self, "_by_service", by_service)
+
     def region(self, name: str) -> RegionSpec:
-        for spec in self.regions:
-            if spec.name == name:
-                return spec
-        raise KeyError(name)
+        return self._by_name[name]
 
     def regions_of(self, service: str) -> tuple[RegionSpec, ...]:
         """The regions that run `service`, in configured order."""
-        return tuple(r for r in self.regions if service in r.capacity_rps)
+        return self._by_service.get(service, ())
 
 
 @dataclass(frozen=True, slots=True)

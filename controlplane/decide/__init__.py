@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
-from controlplane.decide.ladder import Degradation, degrade, saved_fraction
+from controlplane.decide.ladder import degrade, ladder_of, saved_fraction
 from controlplane.decide.verdicts import Judgement, judge
 from controlplane.decide.weights import Slot, split, to_weights
 from controlplane.intents import ordered
@@ -138,7 +138,8 @@ def _track(
     if is_down:
         pair.serving_since = None
         pair.ramp = 0.0
-        b.reasons.append(f"{name} down: {j.down_sentence()}" if j.fresh else f"{name} down (last known)")
+        if j.fresh:
+            b.reasons.append(f"{name} down: {j.down_sentence()}")
         return pair
     if j.down and j.fresh:
         b.reasons.append(f"{name}: {j.down_sentence()}, quorum is {j.quorum}: not down")
@@ -235,7 +236,7 @@ def _panic_placements(
             state=kept.state,
             verdict=pair.verdict,
             verdict_since=pair.verdict_since,
-            serving_since=kept.serving_since,
+            serving_since=pair.serving_since,
             ramp=kept.ramp,
         )
     return out
@@ -297,10 +298,9 @@ def decide(
         alive = sum(1 for p in pairs.values() if p.by_verdict)
         if alive < min(policy.min_healthy_regions, len(pairs)):
             panic.append(service)
-            kept = f"revision {previous.revision}'s" if previous is not None else "the base"
             b.reasons.append(
                 f"panic: verdicts would leave {alive} of {len(pairs)} regions serving {service} "
-                f"(min_healthy_regions={policy.min_healthy_regions}); keeping {kept} weights"
+                f"(min_healthy_regions={policy.min_healthy_regions}); keeping the weights in force"
             )
             continue
         preferred[service] = _apply_drains(policy, service, pairs, standing, b)
@@ -316,15 +316,14 @@ def decide(
             policy.region(r).capacity_rps[service] * p.multiplier(policy) for r, p in tracked[service].items()
         )
     prev_features = previous.features if previous is not None else {}
+    degradation = degrade(policy, capacity, forced, prev_features)
     if frozen and previous is not None:
-        auto_prev = {f.name: prev_features.get(f.name, True) for f in policy.features}
-        degradation = Degradation(
-            off=tuple(n for n, on in auto_prev.items() if not on and n not in forced),
+        # Frozen: the ladder stays where it was; the shortfall is still reported.
+        degradation = replace(
+            degradation,
+            off=tuple(f.name for f in ladder_of(policy, forced) if not prev_features.get(f.name, True)),
             shed_fraction=previous.shed_fraction,
-            short={},
         )
-    else:
-        degradation = degrade(policy, capacity, forced, prev_features)
     forced_off = [n for n, on in forced.items() if not on]
     features = {f.name: f.name not in degradation.off and forced.get(f.name, True) for f in policy.features}
     for name, enabled in forced.items():

@@ -1,0 +1,169 @@
+"""Configuration: the examples load, and mistakes are reported all at once with paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controlplane.config import SecretRef, load_settings, parse_settings
+from controlplane.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "config").glob("*.yaml"))
+
+MINIMAL = """
+cluster:
+  agents:
+    - {id: a1, region: cn-east, raft: "127.0.0.1:7701", http: "127.0.0.1:8701"}
+regions:
+  cn-east:
+    capacity_rps: 100
+    services:
+      order: {targets: ["http://127.0.0.1:9101/healthz"]}
+"""
+
+
+def _problems(text: str, tmp_path: Path) -> list[str]:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_settings(path)
+    return e.value.problems
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_every_example_loads(path: Path) -> None:
+    settings = load_settings(path)
+    assert settings.policy.regions
+    assert settings.policy.services
+    for agent in settings.cluster.agents:
+        assert agent.region in settings.regions
+
+
+def test_examples_exist() -> None:
+    assert {p.name for p in EXAMPLES} >= {"demo.yaml", "production.yaml"}
+
+
+def test_minimal_file_gets_defaults(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(MINIMAL)
+    s = load_settings(tmp_path / "c.yaml")
+    assert s.policy.min_healthy_regions == 1
+    assert s.model.probes.fall == 3
+    assert s.model.backend.kind == "raft"
+    assert s.policy.region("cn-east").base_weight == {"order": 100.0}
+
+
+def test_several_mistakes_are_all_reported_with_paths(tmp_path: Path) -> None:
+    problems = _problems(
+        """
+cluster:
+  agents:
+    - {id: a1, region: cn-west, raft: "127.0.0.1:99999", http: "127.0.0.1:8701"}
+    - {id: a1, region: cn-east, raft: "127.0.0.1:7702", http: "127.0.0.1:8701"}
+regions:
+  cn-east:
+    capacity_rps: -5
+    services:
+      order: {targets: ["ftp://x"]}
+policy:
+  ramp_steps: [0.5, 0.25]
+  demand_rps: {orders: 100}
+features:
+  comments: {level: 0, saves: 2}
+""",
+        tmp_path,
+    )
+    expected = [
+        "cluster.agents[0].raft: must be host:port with a port between 1 and 65535 (got '127.0.0.1:99999')",
+        "cluster.agents[0].region: not a region in regions (got 'cn-west')",
+        "cluster.agents[1].id: same as cluster.agents[0] (got 'a1')",
+        "cluster.agents[1].http: same as cluster.agents[0] (got '127.0.0.1:8701')",
+        "regions.cn-east.capacity_rps: input should be greater than 0 (got -5)",
+        "policy.ramp_steps: must increase and end at 1.0 (got [0.5, 0.25])",
+        "policy.demand_rps.orders: not a service of any region (got 'orders')",
+        "features.comments.level: input should be greater than or equal to 1 (got 0)",
+        "features.comments.saves: input should be less than or equal to 1 (got 2)",
+    ]
+    for line in expected:
+        assert line in problems
+    assert any(
+        p.startswith("regions.cn-east.services.order.targets[0].url: must be http://") for p in problems
+    )
+    assert len(problems) == len(expected) + 1, problems
+
+
+def test_unknown_keys_are_errors_not_ignored(tmp_path: Path) -> None:
+    problems = _problems(MINIMAL + "policy:\n  recovery_hold: 30\nprobe:\n  fall: 2\n", tmp_path)
+    assert problems == ["policy.recovery_hold: unknown key (got 30)", "probe: unknown key (got {'fall': 2})"]
+
+
+def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
+    problems = _problems(MINIMAL + "policy:\n  recovery_hold_s: 30\n  recovery_hold_s: 5\n", tmp_path)
+    assert len(problems) == 1 and "duplicate key 'recovery_hold_s'" in problems[0]
+    assert problems[0].startswith("line 12 column 3:")
+
+
+def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
+    problems = _problems("cluster: [\n", tmp_path)
+    assert problems[0].startswith("line 2 column 1:")
+
+
+def test_top_level_must_be_a_mapping() -> None:
+    with pytest.raises(ConfigError) as e:
+        parse_settings(["not", "a", "mapping"])
+    assert e.value.problems == ["(top level): must be a mapping of sections (got ['not', 'a', 'mapping'])"]
+
+
+def test_missing_sections_are_named(tmp_path: Path) -> None:
+    problems = _problems("log_level: info\n", tmp_path)
+    assert problems == ["cluster: required but missing", "regions: required but missing"]
+
+
+def test_raft_timings_are_checked(tmp_path: Path) -> None:
+    problems = _problems(
+        MINIMAL + "backend:\n  raft: {election_timeout_min_s: 0.1, election_timeout_max_s: 0.05,"
+        " heartbeat_s: 0.05}\n",
+        tmp_path,
+    )
+    assert "backend.raft.election_timeout_max_s: must exceed election_timeout_min_s (got 0.05)" in problems
+    assert "backend.raft.heartbeat_s: must be below election_timeout_min_s / 3 (got 0.05)" in problems
+
+
+def test_etcd_backend_needs_its_section(tmp_path: Path) -> None:
+    problems = _problems(MINIMAL + "backend:\n  kind: etcd\n", tmp_path)
+    assert problems == ["backend.etcd: required when backend.kind is etcd (got nothing)"]
+
+
+def test_weights_must_be_set_everywhere_or_nowhere(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        "regions:\n",
+        "regions:\n  cn-west:\n    capacity_rps: 50\n    weight: 3\n    services:\n"
+        '      order: {targets: ["tcp://127.0.0.1:9201"]}\n',
+    )
+    problems = _problems(text, tmp_path)
+    assert problems == [
+        "regions.cn-east.services.order.weight: set a weight in every region running order or in none "
+        "(got none here, but cn-west set one)"
+    ]
+
+
+def test_secret_comes_from_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CP_TEST_SECRET", "s3cret")
+    assert SecretRef(env="CP_TEST_SECRET").resolve("cluster.secret") == "s3cret"
+    f = tmp_path / "secret"
+    f.write_text("from-file\n")
+    assert SecretRef(file=f).resolve("cluster.secret") == "from-file"
+    monkeypatch.delenv("CP_TEST_SECRET")
+    with pytest.raises(ConfigError) as e:
+        SecretRef(env="CP_TEST_SECRET").resolve("cluster.secret")
+    assert e.value.problems == ["cluster.secret.env: environment variable CP_TEST_SECRET is not set or empty"]
+    problems = _problems(MINIMAL + "auth:\n  admin_token: {env: A, file: /x}\n", tmp_path)
+    assert problems == ["auth.admin_token: give exactly one of env or file (got {'env': 'A', 'file': '/x'})"]
+
+
+def test_settings_are_immutable(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(MINIMAL)
+    s = load_settings(tmp_path / "c.yaml")
+    with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error or dataclass's
+        s.model.policy.min_healthy_regions = 5  # type: ignore[misc]
