@@ -41,7 +41,11 @@ def is_fresh(o: Observation, policy: Policy, now: float) -> bool:
 
 
 def quorum_for(policy: Policy, fresh: int) -> int:
-    """Observers needed to agree: configured, or a majority of the fresh ones."""
+    """Observers needed to agree: configured, or a majority of the live observers.
+
+    An observer is live when any of its observations is fresh, so an agent that has
+    not (yet) reported one pair still counts: a lone early reporter is not a quorum.
+    """
     if policy.observer_quorum is not None:
         return policy.observer_quorum
     return fresh // 2 + 1
@@ -63,19 +67,20 @@ def judge(
         if seen is None or seen.at < o.at:
             by_observer[o.observer] = o
 
+    live = len({observer for views in latest.values() for observer in views})
     out: dict[tuple[str, str], Judgement] = {}
     for service in policy.services:
         for region in policy.regions_of(service):
             views = list(latest.get((service, region.name), {}).values())
-            out[(service, region.name)] = _judge_one(policy, views)
+            out[(service, region.name)] = _judge_one(policy, views, live)
     return out
 
 
-def _judge_one(policy: Policy, views: list[Observation]) -> Judgement:
-    fresh = len(views)
-    if fresh == 0:
+def _judge_one(policy: Policy, views: list[Observation], live: int) -> Judgement:
+    if not views:
         return Judgement(Verdict.UNKNOWN)
-    quorum = quorum_for(policy, fresh)
+    fresh = live
+    quorum = quorum_for(policy, live)
     down = [v for v in views if not v.up]
     up = [v for v in views if v.up]
     errors = Counter(v.error for v in down if v.error)

@@ -326,3 +326,14 @@ def test_unknown_region_state_is_kept_when_observers_fall_silent(world: World) -
     d = world.step(silent=world.observers)
     assert world.weights()["cn-east"] == 0
     assert any(r == "cn-east/order: no fresh observations; keeping it down" for r in d.reasons)
+
+
+def test_an_early_lone_reporter_is_not_a_quorum(world: World) -> None:
+    # agent-north-1 is the only one with a word on cn-east so far; the other two are
+    # alive (they report other regions) and count towards the quorum.
+    for observer in ("agent-east-1", "agent-south-1"):
+        del world.seen[(observer, "cn-east", "order")]
+    world.see("cn-east", up=False, by=["agent-north-1"])
+    d = world.step()
+    assert world.weights()["cn-east"] == 40
+    assert "cn-east/order: 1 of 3 observers report connect timeout, quorum is 2: not down" in d.reasons

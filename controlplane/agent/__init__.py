@@ -1,0 +1,1 @@
+"""The agent daemon: probes, publishes observations, decides on the leader, serves HTTP."""

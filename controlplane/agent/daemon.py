@@ -1,0 +1,206 @@
+"""`controlplane agent`: one agent process, from configuration to clean shutdown.
+
+Start-up order: resolve secrets (refuse to start without a cluster secret: the Raft
+transport pickles, so an unauthenticated port would run anyone's code), open the store,
+start probing, publishing and deciding, and only then serve HTTP. Shutdown runs the
+same steps backwards. Any task that dies takes the process down with exit code 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import cast
+
+import aiohttp
+from aiohttp import web
+
+from controlplane.agent.loops import decide_loop, publish, refresh_loop, watch_loop
+from controlplane.agent.node import Node, Tokens
+from controlplane.agent.supervisor import Supervisor
+from controlplane.api.app import create_app
+from controlplane.config import Settings
+from controlplane.consensus.base import ControlStore
+from controlplane.errors import ConfigError
+from controlplane.metrics import Metrics
+from controlplane.model import Observation
+from controlplane.probes import DEFAULT_EXPECT_STATUS, ProbeKind, Prober, ProbeTarget
+
+log = logging.getLogger(__name__)
+
+DIAL_ENV = "CONTROLPLANE_RAFT_DIAL"  # JSON {member: "host:port"}: route Raft through a proxy (tests)
+
+
+def probe_targets(settings: Settings) -> list[ProbeTarget]:
+    defaults = settings.model.probes
+    targets = []
+    for region, rc in settings.regions.items():
+        for service, sc in rc.services.items():
+            for t in sc.targets:
+                kind: ProbeKind = "tcp" if t.url.startswith("tcp://") else "http"
+                host = port = None
+                if kind == "tcp":
+                    host, _, port_text = t.url.removeprefix("tcp://").rpartition(":")
+                    port = int(port_text)
+                targets.append(
+                    ProbeTarget(
+                        region=region,
+                        service=service,
+                        kind=kind,
+                        url=t.url if kind == "http" else None,
+                        host=host,
+                        port=port,
+                        interval_s=t.interval_s or defaults.interval_s,
+                        timeout_s=t.timeout_s or defaults.timeout_s,
+                        rise=t.rise or defaults.rise,
+                        fall=t.fall or defaults.fall,
+                        expect_status=t.expect_status or defaults.expect_status or DEFAULT_EXPECT_STATUS,
+                    )
+                )
+    return targets
+
+
+def resolve_agent_id(settings: Settings, agent_id: str | None) -> str:
+    agent_id = agent_id or os.environ.get("CONTROLPLANE_AGENT_ID")
+    if agent_id:
+        return settings.agent(agent_id).id
+    agents = settings.cluster.agents
+    if len(agents) == 1:
+        return agents[0].id
+    known = ", ".join(a.id for a in agents)
+    raise ConfigError([f"agent id: not given; pass --id or set CONTROLPLANE_AGENT_ID (one of {known})"])
+
+
+def resolve_tokens(settings: Settings) -> Tokens:
+    auth = settings.model.auth
+    problems = []
+    admin = read = None
+    for name, ref in (("admin_token", auth.admin_token), ("read_token", auth.read_token)):
+        if ref is None:
+            continue
+        try:
+            value = ref.resolve(f"auth.{name}")
+        except ConfigError as e:
+            problems.extend(e.problems)
+            continue
+        if name == "admin_token":
+            admin = value
+        else:
+            read = value
+    if problems:
+        raise ConfigError(problems)
+    return Tokens(admin=admin, read=read)
+
+
+def make_store(
+    settings: Settings, agent_id: str, data_dir: Path, dial: Mapping[str, str] | None = None
+) -> ControlStore:
+    backend = settings.model.backend
+    if backend.kind == "etcd":
+        try:
+            from controlplane.consensus.etcd import EtcdStore  # type: ignore[import-not-found,unused-ignore]
+        except ImportError as e:
+            raise ConfigError([f"backend.kind: etcd backend unavailable ({e})"]) from e
+        return cast(ControlStore, EtcdStore.from_settings(settings, agent_id))
+    from controlplane.consensus.raft import RaftStore, RaftTimings
+
+    secret = settings.cluster.secret.resolve("cluster.secret")
+    raft = backend.raft
+    return RaftStore(
+        member_id=agent_id,
+        members={a.id: a.raft for a in settings.cluster.agents},
+        secret=secret,
+        data_dir=data_dir / "raft",
+        timings=RaftTimings(
+            election_timeout_min_s=raft.election_timeout_min_s,
+            election_timeout_max_s=raft.election_timeout_max_s,
+            heartbeat_s=raft.heartbeat_s,
+            leader_fallback_s=raft.leader_fallback_s,
+            commit_timeout_s=raft.commit_timeout_s,
+        ),
+        dial=dial,
+    )
+
+
+def dial_overrides() -> dict[str, str] | None:
+    text = os.environ.get(DIAL_ENV)
+    if not text:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ConfigError([f"{DIAL_ENV}: not JSON ({e})"]) from e
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise ConfigError([f"{DIAL_ENV}: must map member ids to host:port (got {text!r})"])
+    return {str(k): v for k, v in data.items()}
+
+
+async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
+    """Run one agent until SIGTERM/SIGINT; raises `TaskFailed` if a task dies."""
+    me = settings.agent(agent_id)
+    tokens = resolve_tokens(settings)
+    store = make_store(settings, agent_id, data_dir, dial_overrides())
+    metrics = Metrics(agent_id)
+    metrics.failover_budget.set(settings.policy.failover_budget_s)
+    node = Node(settings=settings, agent_id=agent_id, store=store, metrics=metrics, tokens=tokens)
+    sup = Supervisor()
+    sup.install_signal_handlers()
+
+    try:
+        await _start(settings, node, sup, me.http)
+    except BaseException:
+        await sup.shutdown()
+        raise
+    log.info(
+        "agent %s (%s) serving http://%s, raft %s, data in %s",
+        agent_id,
+        me.region,
+        me.http,
+        me.raft,
+        data_dir,
+    )
+    await sup.wait()
+
+
+async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> None:
+    store, metrics, agent_id = node.store, node.metrics, node.agent_id
+    await store.start()  # creates the data dir
+    sup.on_stop("store", store.close)
+    probes = settings.model.probes
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=probes.max_concurrency, force_close=True),
+        timeout=aiohttp.ClientTimeout(total=max(t.timeout_s for t in probe_targets(settings)) + 1),
+    )
+    sup.on_stop("probe session", session.close)
+
+    async def on_change(observations: list[Observation]) -> None:
+        await publish(node, observations)
+
+    def on_result(target: ProbeTarget, ok: bool, duration_s: float, error: str | None) -> None:
+        metrics.observe_probe(target.region, target.service, ok, duration_s)
+
+    prober = Prober(
+        agent_id,
+        probe_targets(settings),
+        on_change=on_change,
+        on_result=on_result,
+        session=session,
+        slow_ms=settings.policy.slow_ms,
+        max_concurrency=probes.max_concurrency,
+    )
+    await prober.start()
+    sup.on_stop("prober", prober.stop)
+    refresh_s = max(0.5, settings.policy.observation_ttl_s / 3)
+    sup.start("refresh observations", refresh_loop(node, prober, refresh_s))
+    sup.start("decide", decide_loop(node, tick_s=0.5))
+    sup.start("watch", watch_loop(node, tick_s=1.0))
+
+    runner = web.AppRunner(create_app(node), access_log=None, shutdown_timeout=2.0)
+    await runner.setup()
+    sup.on_stop("http", runner.cleanup)
+    host, _, port = http.rpartition(":")
+    site = web.TCPSite(runner, host, int(port), reuse_address=True, backlog=1024)
+    await site.start()

@@ -1,0 +1,152 @@
+"""The agent's work: publish what it sees, and (on the leader) decide and commit.
+
+Publishing happens on every change the prober reports and again every refresh period,
+so a live agent's observations never expire and a dead agent's do. Deciding happens on
+every change of the replicated state and at least every `tick_s` (holds expire and
+ramps step with time alone). Only the leader commits, in its own term; a lost
+compare-and-set (another leader got there first, or this one was deposed) is normal
+and retried on the next change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import replace
+
+from controlplane.agent.node import Node
+from controlplane.consensus.base import ControlState
+from controlplane.decide import decide
+from controlplane.decide.verdicts import is_fresh
+from controlplane.errors import Conflict, NotLeader, StoreError
+from controlplane.model import Decision, Observation, State
+from controlplane.probes import Prober
+
+log = logging.getLogger(__name__)
+
+
+async def publish(node: Node, observations: list[Observation]) -> None:
+    """Write observations to the store; raises `StoreError` so the prober retries."""
+    if not observations:
+        return
+    await node.store.publish_observations(node.agent_id, observations)
+    node.metrics.observations_published.inc(len(observations))
+
+
+async def refresh_loop(node: Node, prober: Prober, period_s: float) -> None:
+    """Republish every current observation so it stays fresh in the store."""
+    warned = False
+    while True:
+        await asyncio.sleep(period_s)
+        try:
+            await publish(node, prober.current())
+            warned = False
+        except StoreError as e:
+            if not warned:
+                log.warning("cannot refresh observations: %s (will keep trying)", e)
+                warned = True
+
+
+def ready_to_decide(node: Node, state: ControlState) -> bool:
+    """The first decision waits for fresh observations from a majority of agents.
+
+    Without this, a leader elected at bootstrap would publish base weights before any
+    observer had a chance to report that a region is down.
+    """
+    if state.decision is not None:
+        return True
+    now = node.clock()
+    policy = node.settings.policy
+    observers = {o.observer for o in state.observations.values() if is_fresh(o, policy, now)}
+    return len(observers) > len(node.settings.cluster.agents) // 2
+
+
+async def decide_once(node: Node, state: ControlState) -> Decision | None:
+    """On the leader, decide from `state` and commit if anything changed."""
+    status = node.store.status()
+    if not status.is_leader or not status.has_quorum or not ready_to_decide(node, state):
+        return None
+    now = node.clock()
+    decision = decide(
+        node.settings.policy,
+        state.observations.values(),
+        state.intents,
+        state.decision,
+        now,
+        intent_seq=state.intent_seq,
+    )
+    if decision is state.decision:
+        return None
+    stamped = replace(decision, term=status.term, leader=node.agent_id, committed_at=now)
+    try:
+        committed = await node.store.commit_decision(stamped)
+    except (Conflict, NotLeader) as e:
+        node.metrics.commit_errors.labels(type(e).__name__.lower()).inc()
+        log.debug("decision %d not committed: %s", stamped.revision, e)
+        return None
+    except StoreError as e:
+        node.metrics.commit_errors.labels("unavailable").inc()
+        log.warning("decision %d not committed: %s", stamped.revision, e)
+        return None
+    node.metrics.decisions_committed.inc()
+    log.info(
+        "committed decision %d (term %d): %s",
+        committed.revision,
+        committed.term,
+        "; ".join(committed.reasons) or "all regions serving",
+    )
+    return committed
+
+
+async def decide_loop(node: Node, tick_s: float) -> None:
+    version = -1
+    while True:
+        state = await node.store.wait_for_change(version, timeout_s=tick_s)
+        version = state.version
+        await decide_once(node, state)
+
+
+def failover_stages(
+    previous: Decision | None, current: Decision, state: ControlState, applied_at: float
+) -> dict[str, float]:
+    """How long a newly taken-out region took to be agreed and to reach this agent.
+
+    Measured from the earliest fresh observation that reported the pair down; only for
+    pairs that went from serving to down in `current`.
+    """
+    if previous is None:
+        return {}
+    started: list[float] = []
+    for service, placements in current.services.items():
+        for region, p in placements.items():
+            before = previous.services.get(service, {}).get(region)
+            if p.state != State.DOWN or before is None or before.state == State.DOWN:
+                continue
+            downs = [
+                o.at
+                for o in state.observations.values()
+                if o.region == region and o.service == service and not o.up
+            ]
+            if downs:
+                started.append(min(downs))
+    if not started:
+        return {}
+    first = min(started)
+    return {"verdict_committed": current.committed_at - first, "published": applied_at - first}
+
+
+async def watch_loop(node: Node, tick_s: float) -> None:
+    """Keep metrics in step with the decision this agent serves and its view of the group."""
+    version = -1
+    served: Decision | None = None
+    while True:
+        state = await node.store.wait_for_change(version, timeout_s=tick_s)
+        version = state.version
+        node.metrics.observe_status(node.store.status())
+        decision = state.decision
+        if decision is not None and (served is None or decision.revision != served.revision):
+            node.metrics.observe_decision(decision)
+            node.metrics.observe_stages(failover_stages(served, decision, state, node.clock()))
+            if served is not None and decision.revision > served.revision + 1:
+                log.info("caught up from revision %d to %d", served.revision, decision.revision)
+            served = decision

@@ -1,0 +1,54 @@
+"""What one running agent is: its settings, its store, its metrics, its clock.
+
+The HTTP API and the agent's loops share a `Node`; tests can build one around any
+`ControlStore`. It holds no logic of its own beyond reading the latest committed view.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from controlplane.config import Settings
+from controlplane.consensus.base import ControlState, ControlStore, StoreStatus
+from controlplane.metrics import Metrics
+
+
+@dataclass(frozen=True, slots=True)
+class Tokens:
+    """Bearer tokens: `admin` may write, `read` may only read. None means not configured."""
+
+    admin: str | None = None
+    read: str | None = None
+
+
+@dataclass
+class Node:
+    settings: Settings
+    agent_id: str
+    store: ControlStore
+    metrics: Metrics
+    tokens: Tokens = field(default_factory=Tokens)
+    clock: Callable[[], float] = time.time
+    started_at: float = field(default_factory=time.time)
+
+    def state(self) -> ControlState:
+        return self.store.state()
+
+    def status(self) -> StoreStatus:
+        return self.store.status()
+
+    def stale_for_s(self) -> float | None:
+        """Seconds since this agent lost quorum; None while it has it."""
+        status = self.store.status()
+        if status.has_quorum:
+            return None
+        since = status.quorum_lost_at if status.quorum_lost_at is not None else self.started_at
+        return max(0.0, self.clock() - since)
+
+    def http_address_of(self, agent_id: str | None) -> str | None:
+        for agent in self.settings.cluster.agents:
+            if agent.id == agent_id:
+                return agent.http
+        return None

@@ -1,0 +1,137 @@
+"""Prometheus metrics of one agent, on a registry of its own.
+
+Each agent (and each test) gets its own `CollectorRegistry`, so several agents can run
+in one process in tests without clashing and nothing leaks between them. Names follow
+Prometheus conventions: a `controlplane_` prefix, base units in the name (`_seconds`),
+`_total` on counters. Gauges that mirror the decision are refreshed from the committed
+decision with `observe_decision`, not incremented ad hoc, so they can never drift.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from controlplane.consensus.base import StoreStatus
+from controlplane.model import Decision, State, Verdict
+
+PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
+STATE_CODE = {State.HEALTHY: 0, State.DEGRADED: 1, State.DOWN: 2, State.DRAINED: 3}
+VERDICT_CODE = {Verdict.UP: 0, Verdict.SLOW: 1, Verdict.DOWN: 2, Verdict.UNKNOWN: 3}
+
+
+class Metrics:
+    def __init__(self, agent_id: str, registry: CollectorRegistry | None = None) -> None:
+        self.agent_id = agent_id
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.probe_duration = Histogram(
+            "controlplane_probe_duration_seconds",
+            "Duration of probes by this agent",
+            ["region", "service", "observer"],
+            buckets=PROBE_BUCKETS,
+            registry=r,
+        )
+        self.probe_failures = Counter(
+            "controlplane_probe_failures_total",
+            "Failed probes by this agent",
+            ["region", "service", "observer"],
+            registry=r,
+        )
+        self.verdict = Gauge(
+            "controlplane_verdict",
+            "Agreed verdict per service and region (0 up, 1 slow, 2 down, 3 unknown)",
+            ["service", "region"],
+            registry=r,
+        )
+        self.region_state = Gauge(
+            "controlplane_region_state",
+            "State per service and region (0 healthy, 1 degraded, 2 down, 3 drained)",
+            ["service", "region"],
+            registry=r,
+        )
+        self.weight = Gauge(
+            "controlplane_weight", "Committed traffic weight (0-100)", ["service", "region"], registry=r
+        )
+        self.feature_enabled = Gauge(
+            "controlplane_feature_enabled", "1 when the feature is on", ["feature"], registry=r
+        )
+        self.shed_fraction = Gauge(
+            "controlplane_shed_fraction", "Fraction of low-priority requests to shed", registry=r
+        )
+        self.panic = Gauge("controlplane_panic", "1 when the decision is in panic", registry=r)
+        self.frozen = Gauge("controlplane_frozen", "1 when automation is frozen", registry=r)
+        self.decision_revision = Gauge(
+            "controlplane_decision_revision", "Revision of the decision this agent serves", registry=r
+        )
+        self.decision_committed = Gauge(
+            "controlplane_decision_committed_timestamp_seconds",
+            "When the served decision was committed (Unix time)",
+            registry=r,
+        )
+        self.raft_leader = Gauge("controlplane_consensus_is_leader", "1 on the leader", registry=r)
+        self.raft_term = Gauge("controlplane_consensus_term", "Consensus term", registry=r)
+        self.raft_commit_index = Gauge(
+            "controlplane_consensus_commit_index", "Consensus commit index", registry=r
+        )
+        self.quorum = Gauge(
+            "controlplane_consensus_has_quorum", "1 while this agent is in contact with a quorum", registry=r
+        )
+        self.members_connected = Gauge(
+            "controlplane_consensus_members_connected", "Members this agent is connected to", registry=r
+        )
+        self.decisions_committed = Counter(
+            "controlplane_decisions_committed_total", "Decisions this agent committed as leader", registry=r
+        )
+        self.commit_errors = Counter(
+            "controlplane_commit_errors_total", "Failed decision commits by kind", ["kind"], registry=r
+        )
+        self.failover_duration = Histogram(
+            "controlplane_failover_duration_seconds",
+            "Time from the first observation of a fault to each stage",
+            ["stage"],
+            buckets=FAILOVER_BUCKETS,
+            registry=r,
+        )
+        self.watchers = Gauge("controlplane_watchers", "Blocking queries and SSE streams open", registry=r)
+        self.api_requests = Counter(
+            "controlplane_api_requests_total", "HTTP API requests", ["route", "method", "code"], registry=r
+        )
+        self.observations_published = Counter(
+            "controlplane_observations_published_total", "Observations this agent published", registry=r
+        )
+        self.failover_budget = Gauge(
+            "controlplane_failover_budget_seconds", "Configured failover budget", registry=r
+        )
+
+    def observe_probe(self, region: str, service: str, ok: bool, duration_s: float) -> None:
+        self.probe_duration.labels(region, service, self.agent_id).observe(duration_s)
+        if not ok:
+            self.probe_failures.labels(region, service, self.agent_id).inc()
+
+    def observe_decision(self, decision: Decision) -> None:
+        for service, placements in decision.services.items():
+            for region, p in placements.items():
+                self.weight.labels(service, region).set(p.weight)
+                self.region_state.labels(service, region).set(STATE_CODE[p.state])
+                self.verdict.labels(service, region).set(VERDICT_CODE[p.verdict])
+        for feature, on in decision.features.items():
+            self.feature_enabled.labels(feature).set(1 if on else 0)
+        self.shed_fraction.set(decision.shed_fraction)
+        self.panic.set(1 if decision.panic else 0)
+        self.frozen.set(1 if decision.frozen else 0)
+        self.decision_revision.set(decision.revision)
+        self.decision_committed.set(decision.committed_at)
+
+    def observe_status(self, status: StoreStatus) -> None:
+        self.raft_leader.set(1 if status.is_leader else 0)
+        self.raft_term.set(status.term)
+        self.raft_commit_index.set(status.commit_index)
+        self.quorum.set(1 if status.has_quorum else 0)
+        self.members_connected.set(sum(1 for m in status.members if m.connected))
+
+    def observe_stages(self, stages: Mapping[str, float]) -> None:
+        for stage, seconds in stages.items():
+            self.failover_duration.labels(stage).observe(max(0.0, seconds))

@@ -1,0 +1,110 @@
+"""Rise/fall counting per target, and the rule that turns targets into one observation.
+
+Pure and synchronous, so the rules below are tested without a network or a clock.
+
+Per target (HAProxy's `rise`/`fall`): a target starts *unknown*. It becomes up after
+`rise` consecutive successes and down after `fall` consecutive failures; once up it
+needs `fall` consecutive failures to go down, once down `rise` consecutive successes to
+come back. Any result of the other kind resets the streak. HAProxy starts servers as up
+instead; we start unknown because an agent that just started has no evidence either way,
+and an observation it cannot back would count towards a quorum. So an agent publishes
+nothing for a (region, service) until it knows, which takes `rise` or `fall` probes.
+
+Per (region, service), with several targets (for example one per load balancer VIP):
+the service is **up when at least one target is up** (as an HAProxy backend is up while
+any server is, and as a Kubernetes service is while it has a ready endpoint); **down when
+no target is up and at least one is down**; unknown (no observation) while every target
+is unknown. An up observation reports the *worst* latency and utilization among the up
+targets: load balancers spread traffic over all of them, so one slow or hot target is
+what a share of the users feel (gray failure). A down observation carries the error of
+the first down target in configured order and no latency. Either way `at` is the time of
+the latest probe of any of its targets, so an observation ages when probing stalls.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from controlplane.model import Observation
+from controlplane.probes.target import ProbeResult, ProbeTarget
+
+
+@dataclass(slots=True)
+class TargetHealth:
+    """The rise/fall state of one target. Mutable; one prober owns it."""
+
+    rise: int
+    fall: int
+    up: bool | None = None
+    successes: int = 0
+    failures: int = 0
+    latency_ms: float | None = None
+    utilization: float | None = None
+    error: str | None = None
+    at: float | None = None
+
+    @classmethod
+    def of(cls, target: ProbeTarget) -> TargetHealth:
+        return cls(rise=target.rise, fall=target.fall)
+
+    def record(self, result: ProbeResult, at: float) -> None:
+        """Count one probe result taken at wall time `at`."""
+        self.at = at
+        if result.ok:
+            # Streaks are capped at their threshold: only reaching it matters.
+            self.successes = min(self.successes + 1, self.rise)
+            self.failures = 0
+            self.latency_ms = result.latency_ms
+            self.utilization = result.utilization
+            if self.successes >= self.rise:
+                self.up = True
+        else:
+            self.failures = min(self.failures + 1, self.fall)
+            self.successes = 0
+            self.error = result.error
+            if self.failures >= self.fall:
+                self.up = False
+
+
+def summarize(
+    observer: str, region: str, service: str, targets: Sequence[TargetHealth]
+) -> Observation | None:
+    """One observation for (region, service) from its targets; None while unknown."""
+    seen = [t.at for t in targets if t.at is not None]
+    if not seen:
+        return None
+    at = max(seen)
+    up = [t for t in targets if t.up is True]
+    if up:
+        return Observation(
+            observer=observer,
+            region=region,
+            service=service,
+            up=True,
+            at=at,
+            latency_ms=_worst(t.latency_ms for t in up),
+            utilization=_worst(t.utilization for t in up),
+        )
+    for t in targets:
+        if t.up is False:
+            return Observation(
+                observer=observer, region=region, service=service, up=False, at=at, error=t.error
+            )
+    return None
+
+
+def is_slow(observation: Observation | None, slow_ms: float | None) -> bool:
+    """Up but answering slower than `slow_ms` (never, when no threshold is set)."""
+    return (
+        slow_ms is not None
+        and observation is not None
+        and observation.up
+        and observation.latency_ms is not None
+        and observation.latency_ms > slow_ms
+    )
+
+
+def _worst(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return max(present) if present else None

@@ -1,0 +1,231 @@
+"""The agent's probing loop: every target on its own schedule, changes pushed to a callback.
+
+One task per target probes it every `interval_s`, starting at a random offset within
+the first interval so that many targets (and many agents) do not probe in lockstep. A
+semaphore caps how many probes are in flight at once. Each result goes through
+rise/fall counting (`health.py`); when the up/down state of a (region, service), or
+whether it is slow, differs from what was last delivered, the (region, service) is
+marked dirty and a separate notifier task hands the fresh observations to `on_change`.
+
+"Slow" means up with a latency above `slow_ms` (see `health.is_slow`); it is not
+debounced here, because the decision engine already requires a quorum of observers to
+agree before it calls a (region, service) degraded.
+
+Delivery is decoupled from probing on purpose: `on_change` usually writes to the
+consensus store and may take a while, and probes must keep their rhythm meanwhile (a
+stalled probe loop would itself look like an outage once observations expire). Pending
+changes are coalesced per (region, service), so the backlog is bounded by the number of
+services, and the callback always sees the latest state. If the callback fails or times
+out, the same changes are retried after `retry_s`; the caller's periodic refresh from
+`current()` is the second safety net.
+
+Guarantees: every network await is bounded by the target's timeout; `stop()` cancels and
+awaits every task it started and closes the HTTP session if the prober created it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+import aiohttp
+
+from controlplane.model import Observation
+from controlplane.probes import checks
+from controlplane.probes.health import TargetHealth, is_slow, summarize
+from controlplane.probes.target import ProbeResult, ProbeTarget
+
+log = logging.getLogger(__name__)
+
+OnChange = Callable[[list[Observation]], Awaitable[None]]
+OnResult = Callable[[ProbeTarget, bool, float, str | None], None]
+ServiceKey = tuple[str, str]
+# (up, slow) as last delivered; up is None while unknown.
+_Status = tuple[bool | None, bool]
+
+
+class Prober:
+    """Probes `targets` on behalf of agent `observer` and reports what changed.
+
+    `on_change(observations)` is awaited (at most `callback_timeout_s`) with one
+    observation per (region, service) whose up/down or slow status changed. `on_result`
+    is called synchronously after every probe, for metrics. `wall_clock` stamps
+    observations; `rng` only decides start offsets. With no `session`, the prober opens
+    its own (no connection reuse) and closes it in `stop()`.
+    """
+
+    def __init__(
+        self,
+        observer: str,
+        targets: Sequence[ProbeTarget],
+        *,
+        on_change: OnChange | None = None,
+        on_result: OnResult | None = None,
+        session: aiohttp.ClientSession | None = None,
+        slow_ms: float | None = None,
+        max_concurrency: int = 16,
+        wall_clock: Callable[[], float] = time.time,
+        callback_timeout_s: float = 10.0,
+        retry_s: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1 (got {max_concurrency})")
+        if len(set(targets)) != len(targets):
+            raise ValueError("duplicate probe targets")
+        self.observer = observer
+        self.targets: tuple[ProbeTarget, ...] = tuple(targets)
+        self._on_change = on_change
+        self._on_result = on_result
+        self._session = session
+        self._own_session: aiohttp.ClientSession | None = None
+        self._slow_ms = slow_ms
+        self._max_concurrency = max_concurrency
+        self._wall_clock = wall_clock
+        self._callback_timeout_s = callback_timeout_s
+        self._retry_s = retry_s
+        self._rng = rng or random.Random()
+        self._semaphore = asyncio.Semaphore(max_concurrency)
+        self._health = {t: TargetHealth.of(t) for t in self.targets}
+        self._groups: dict[ServiceKey, list[ProbeTarget]] = {}
+        for t in self.targets:
+            self._groups.setdefault(t.key, []).append(t)
+        self._delivered: dict[ServiceKey, _Status] = dict.fromkeys(self._groups, (None, False))
+        self._dirty: set[ServiceKey] = set()
+        self._wakeup = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start one probing task per target and the notifier."""
+        if self._tasks:
+            raise RuntimeError("prober already started")
+        self._tasks.append(asyncio.create_task(self._notify_loop(), name="prober notifier"))
+        for target in self.targets:
+            name = f"probe {target.region}/{target.service} {target.address}"
+            self._tasks.append(asyncio.create_task(self._probe_loop(target), name=name))
+
+    async def stop(self) -> None:
+        """Cancel and await every task; close the session if this prober opened it."""
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_session is not None:
+            session, self._own_session = self._own_session, None
+            await session.close()
+
+    async def __aenter__(self) -> Prober:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- probing ---------------------------------------------------------------------
+
+    async def probe_once(self, target: ProbeTarget) -> ProbeResult:
+        """Probe `target` now and count the result; changes are delivered by `flush()`."""
+        health = self._health[target]
+        async with self._semaphore:
+            result = await checks.check(self._http(), target)
+        health.record(result, self._wall_clock())
+        if self._on_result is not None:
+            try:
+                self._on_result(target, result.ok, result.duration_s, result.error)
+            except Exception:
+                log.exception("on_result hook failed for %s", target.address)
+        key = target.key
+        if self._status(key) != self._delivered[key]:
+            self._dirty.add(key)
+            self._wakeup.set()
+        return result
+
+    async def _probe_loop(self, target: ProbeTarget) -> None:
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(self._rng.uniform(0.0, target.interval_s))
+        next_at = loop.time()
+        while True:
+            try:
+                await self.probe_once(target)
+            except Exception:
+                # A bug here must not silently end this target's probing.
+                log.exception("probe of %s failed unexpectedly", target.address)
+            next_at += target.interval_s
+            now = loop.time()
+            # After an overrun (slow probe, semaphore wait) start the next probe now
+            # rather than firing a burst to catch up.
+            next_at = max(next_at, now)
+            await asyncio.sleep(next_at - now)
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is not None:
+            return self._session
+        if self._own_session is None:
+            self._own_session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(force_close=True, limit=self._max_concurrency)
+            )
+        return self._own_session
+
+    # -- state and delivery ----------------------------------------------------------
+
+    def current(self) -> list[Observation]:
+        """The latest observation of every (region, service) that is no longer unknown."""
+        out = []
+        for key in self._groups:
+            observation = self._summary(key)
+            if observation is not None:
+                out.append(observation)
+        return out
+
+    def target_up(self, target: ProbeTarget) -> bool | None:
+        """One target's rise/fall state: True, False, or None while unknown."""
+        return self._health[target].up
+
+    async def flush(self) -> bool:
+        """Deliver pending changes to `on_change` now; False if the callback failed."""
+        async with self._flush_lock:
+            keys = [k for k in self._groups if k in self._dirty]
+            self._dirty.clear()
+            changed: list[Observation] = []
+            statuses: dict[ServiceKey, _Status] = {}
+            for key in keys:
+                observation = self._summary(key)
+                status = self._status_of(observation)
+                if observation is not None and status != self._delivered[key]:
+                    changed.append(observation)
+                    statuses[key] = status
+            if changed and self._on_change is not None:
+                try:
+                    async with asyncio.timeout(self._callback_timeout_s):
+                        await self._on_change(changed)
+                except Exception:
+                    log.exception("on_change failed; will retry %d change(s)", len(changed))
+                    self._dirty.update(statuses)
+                    return False
+            self._delivered.update(statuses)
+            return True
+
+    async def _notify_loop(self) -> None:
+        while True:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+            if not await self.flush():
+                await asyncio.sleep(self._retry_s)
+                self._wakeup.set()
+
+    def _summary(self, key: ServiceKey) -> Observation | None:
+        region, service = key
+        return summarize(self.observer, region, service, [self._health[t] for t in self._groups[key]])
+
+    def _status(self, key: ServiceKey) -> _Status:
+        return self._status_of(self._summary(key))
+
+    def _status_of(self, observation: Observation | None) -> _Status:
+        up = None if observation is None else observation.up
+        return (up, is_slow(observation, self._slow_ms))
