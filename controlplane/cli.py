@@ -23,6 +23,22 @@ def setup_logging(level: str, agent_id: str = "") -> None:
     )
     # aiohttp's access log is off; its client logs nothing useful at INFO.
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    logging.getLogger("pysyncobj").addFilter(_ResentEntriesFilter())
+
+
+class _ResentEntriesFilter(logging.Filter):
+    """Demote pysyncobj's "truncating already-applied log entries" to DEBUG.
+
+    With appendEntriesUseBatch off, a late reply makes the leader resend entries a
+    follower already has; the follower replaces them with identical ones and applies
+    nothing twice. pysyncobj logs that as CRITICAL, which would page someone for noise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "already-applied" in record.getMessage():
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
 
 
 def fail_config(e: ConfigError, source: str) -> None:

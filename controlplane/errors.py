@@ -50,6 +50,13 @@ class Unsafe(Rejected):
     code = "unsafe"
 
 
+class Overloaded(ControlplaneError):
+    """This agent is at one of its limits (watchers, request size); try later or elsewhere."""
+
+    http_status = 503
+    code = "overloaded"
+
+
 class StoreError(ControlplaneError):
     """The replicated store could not do it now; retrying later may work."""
 

@@ -50,10 +50,10 @@ def _split(address: str) -> tuple[str, int]:
 
 def load_demo_config(path: Path | None = None) -> dict[str, Any]:
     source = path or DEMO_CONFIG
-    data = yaml.safe_load(source.read_text(encoding="utf-8"))
+    data: Any = yaml.safe_load(source.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise ValueError(f"{source}: not a mapping")
-    return data
+    return {str(k): v for k, v in data.items()}
 
 
 def remap_ports(config: dict[str, Any]) -> dict[str, Any]:
@@ -65,7 +65,7 @@ def remap_ports(config: dict[str, Any]) -> dict[str, Any]:
             mapping[port] = free_port()
         return mapping[port]
 
-    out = json.loads(json.dumps(config))
+    out: dict[str, Any] = json.loads(json.dumps(config))
     for agent in out["cluster"]["agents"]:
         for key in ("raft", "http"):
             host, port = _split(agent[key])

@@ -197,6 +197,7 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     sup.start("refresh observations", refresh_loop(node, prober, refresh_s))
     sup.start("decide", decide_loop(node, tick_s=0.5))
     sup.start("watch", watch_loop(node, tick_s=1.0))
+    sup.start("revision feed", node.feed.run())
 
     runner = web.AppRunner(create_app(node), access_log=None, shutdown_timeout=2.0)
     await runner.setup()

@@ -6,12 +6,15 @@ The HTTP API and the agent's loops share a `Node`; tests can build one around an
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from controlplane.agent.feed import RevisionFeed
 from controlplane.config import Settings
 from controlplane.consensus.base import ControlState, ControlStore, StoreStatus
+from controlplane.errors import Overloaded
 from controlplane.metrics import Metrics
 
 
@@ -32,6 +35,27 @@ class Node:
     tokens: Tokens = field(default_factory=Tokens)
     clock: Callable[[], float] = time.time
     started_at: float = field(default_factory=time.time)
+    feed: RevisionFeed = field(init=False)
+    watchers: int = 0
+
+    def __post_init__(self) -> None:
+        self.feed = RevisionFeed(self.store)
+
+    @contextlib.contextmanager
+    def watcher(self) -> Iterator[None]:
+        """Count one blocking query or stream; `Overloaded` past `api.max_watchers`."""
+        limit = self.settings.model.api.max_watchers
+        if self.watchers >= limit:
+            raise Overloaded(
+                "too many watchers", f"this agent holds its limit of {limit}; retry or use another agent"
+            )
+        self.watchers += 1
+        self.metrics.watchers.set(self.watchers)
+        try:
+            yield
+        finally:
+            self.watchers -= 1
+            self.metrics.watchers.set(self.watchers)
 
     def state(self) -> ControlState:
         return self.store.state()

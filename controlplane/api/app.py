@@ -26,8 +26,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     try:
         response = await handler(request)
     except ControlplaneError as e:
-        response = error_response(e.http_status, e.code if not e.message else e.message, e.detail)
-        if isinstance(e, ControlplaneError) and e.http_status >= 500:
+        response = error_response(e.http_status, e.message, e.detail, code=e.code)
+        if e.http_status >= 500:
             log.warning("%s %s: %s", request.method, request.path, e)
     except web.HTTPException as e:
         if e.status < 400:

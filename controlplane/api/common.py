@@ -25,9 +25,12 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def error_response(
-    status: int, error: str, detail: str = "", headers: dict[str, str] | None = None
+    status: int, error: str, detail: str = "", headers: dict[str, str] | None = None, code: str = ""
 ) -> web.Response:
-    return json_response({"error": error, "detail": detail}, status=status, headers=headers)
+    body = {"error": error, "detail": detail}
+    if code:
+        body["code"] = code
+    return json_response(body, status=status, headers=headers)
 
 
 def route_name(request: web.Request) -> str:

@@ -7,13 +7,15 @@ keeps serving the last committed decision (static stability) and says so with
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 from aiohttp import web
 
 from controlplane.api.common import NODE, error_response, json_response
 from controlplane.decide.verdicts import is_fresh
-from controlplane.model import decision_to_json, observation_to_json
+from controlplane.errors import Rejected
+from controlplane.model import Decision, decision_to_json, observation_to_json
 
 
 def decision_headers(request: web.Request, revision: int) -> dict[str, str]:
@@ -25,26 +27,75 @@ def decision_headers(request: web.Request, revision: int) -> dict[str, str]:
     return headers
 
 
-def decision_body(request: web.Request) -> tuple[dict[str, Any], int] | None:
+def decision_body(request: web.Request, decision: Decision) -> dict[str, Any]:
     node = request.app[NODE]
-    decision = node.state().decision
-    if decision is None:
-        return None
     body = decision_to_json(decision)
     stale = node.stale_for_s()
     body["stale"] = stale is not None
     if stale is not None:
         body["stale_s"] = round(stale, 1)
     body["served_by"] = node.agent_id
-    return body, decision.revision
+    return body
+
+
+def parse_wait(text: str | None, default_s: float, max_s: float) -> float:
+    """Consul's `wait`: `30s`, `500ms`, `2m` or plain seconds; capped at `max_s`."""
+    if text is None or text == "":
+        return min(default_s, max_s)
+    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
+    for suffix in ("ms", "s", "m"):
+        if text.endswith(suffix):
+            number, scale = text[: -len(suffix)], units[suffix]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        seconds = float(number) * scale
+    except ValueError:
+        raise Rejected("bad wait", f"wait must look like 30s, 500ms or 2m (got {text!r})") from None
+    if not seconds >= 0 or seconds == float("inf"):
+        raise Rejected("bad wait", f"wait must be a finite duration >= 0 (got {text!r})")
+    return min(seconds, max_s)
+
+
+def parse_index(text: str | None) -> int | None:
+    if text is None or text == "":
+        return None
+    try:
+        index = int(text)
+    except ValueError:
+        raise Rejected("bad index", f"index must be a revision number (got {text!r})") from None
+    if index < 0:
+        raise Rejected("bad index", f"index must be >= 0 (got {index})")
+    return index
+
+
+async def blocking_decision(request: web.Request) -> Decision | None:
+    """The served decision; with `?index=N`, wait (bounded) until it passes N.
+
+    Jitter up to 1/16 of the wait, as Consul does, so that many clients with the same
+    wait do not all come back in the same instant.
+    """
+    node = request.app[NODE]
+    index = parse_index(request.query.get("index"))
+    max_wait = node.settings.model.api.max_wait_s
+    wait_s = parse_wait(request.query.get("wait"), 30.0, max_wait)
+    decision = node.state().decision
+    if index is None or (decision is not None and decision.revision > index):
+        return decision
+    wait_s = min(max_wait, wait_s + random.uniform(0, wait_s / 16))
+    with node.watcher():
+        return await node.feed.wait_past(index, wait_s)
 
 
 async def get_decision(request: web.Request) -> web.StreamResponse:
-    found = decision_body(request)
-    if found is None:
+    decision = await blocking_decision(request)
+    if decision is None:
         return error_response(503, "no decision yet", "the cluster has not committed a decision yet")
-    body, revision = found
-    return json_response(body, headers=decision_headers(request, revision))
+    headers = decision_headers(request, decision.revision)
+    if request.headers.get("If-None-Match") == headers["ETag"] and "index" not in request.query:
+        return web.Response(status=304, headers=headers)
+    return json_response(decision_body(request, decision), headers=headers)
 
 
 def cluster_body(request: web.Request) -> dict[str, Any]:

@@ -1,0 +1,259 @@
+"""The replicated state machine behind `RaftStore`: what one committed command does.
+
+pysyncobj applies every committed command, in log order, on every member, and again on
+restart when it replays the journal. So each command here is a deterministic function of
+(the state, the command's arguments): no clock, no randomness, no I/O, nothing from the
+member's own Raft view. Times arrive in the arguments, stamped by the member that wrote
+them. `version` counts applied changes, so it is the same on every member for the same
+log prefix.
+
+A command never raises. An exception in pysyncobj's apply loop leaves the entry
+unapplied and retried on every tick, forever. A command the state refuses (an undrain with
+nothing to undrain, a lost compare-and-set, a decision from a deposed leader) returns the
+error instead; it changes nothing, not even `version`, and the caller raises it.
+
+Term fencing: every leader commits `claim_term(term)` as soon as it is elected, and every
+committed decision raises the fence to its own term. A decision stamped with a term below
+the fence is refused. A deposed leader whose write was queued before it stepped down, and
+then forwarded to the new leader, is therefore refused on every member alike.
+
+Changing the commands: pysyncobj numbers them by (ver, name) and the journal and the
+wire carry those numbers. A new command must therefore get a higher `ver` (with
+`replicated(ver=1)`), never just a new name, and an existing command must keep its name
+and arguments; otherwise a journal written by the previous release, or a member still
+running it, applies the wrong command.
+
+Why a `SyncObjConsumer` and not a `SyncObj` subclass: pysyncobj snapshots exactly the
+attributes an object gains after its base `__init__`. A `SyncObj` subclass could only set
+its state after `SyncObj.__init__` has started the thread that applies commands; a
+consumer is complete before its `SyncObj` exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from pysyncobj import SyncObjConsumer, replicated
+
+from controlplane.consensus.base import (
+    HISTORY_LIMIT,
+    ControlState,
+    HistoryEntry,
+    ObservationKey,
+    history_add,
+    observations_replace,
+)
+from controlplane.errors import Conflict, ControlplaneError, NotLeader, Rejected, StoreError
+from controlplane.intents import apply_intent, remove_intent
+from controlplane.model import Decision, Intent, Observation
+
+log = logging.getLogger(__name__)
+
+# How many applied intent ids a member remembers for idempotent resubmission. Standing
+# intents are always remembered; this window covers undrains, unfreezes and replaced or
+# removed intents.
+INTENT_DEDUP_LIMIT = HISTORY_LIMIT
+
+_SUMMARY_MAX_CHARS = 400
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# `replicated(ver=0)` returns the decorator itself. Used this way pysyncobj finds the class
+# namespace one frame up, which is where the decorator is applied; the bare `@replicated`
+# form looks two frames up and would break under any wrapper. Typed loosely on purpose:
+# callers add pysyncobj's `callback=` keyword.
+_replicated: Callable[[Callable[..., Any]], Callable[..., Any]] = replicated(ver=0)
+
+
+def _never_raises(apply: _F) -> _F:
+    """Turn an unexpected exception in a command into a returned `StoreError`.
+
+    Deterministic code fails the same way on every member, so returning the error (state
+    untouched, since commands assign only after computing) keeps members identical and
+    keeps pysyncobj's apply loop moving.
+    """
+
+    @functools.wraps(apply)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return apply(*args, **kwargs)
+        except Exception as exc:
+            log.exception("replicated command %s failed; state unchanged", apply.__name__)
+            return StoreError(f"{apply.__name__} failed on apply", repr(exc))
+
+    return guarded  # type: ignore[return-value]
+
+
+class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no type hints
+    """The control state as a pysyncobj consumer; `on_change` gets each new snapshot.
+
+    `on_change` runs on pysyncobj's thread right after a change is applied (or a snapshot
+    is loaded); it must be quick and must not raise.
+    """
+
+    def __init__(self, on_change: Callable[[ControlState], None]) -> None:
+        # Attributes set before the base __init__ are local to this member; everything
+        # set after it is replicated state, and is what pysyncobj writes into snapshots.
+        self._on_change = on_change
+        super().__init__()
+        # Published mappings are never mutated in place; each command builds new ones, so
+        # a snapshot handed out earlier never changes under its reader.
+        self.version = 0
+        self.decision: Decision | None = None
+        self.intents: dict[str, Intent] = {}
+        self.intent_seq = 0
+        self.observations: dict[ObservationKey, Observation] = {}
+        self.history: tuple[HistoryEntry, ...] = ()
+        self.recent_intents: dict[str, Intent] = {}
+        self.fence_term = 0
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def snapshot(self) -> ControlState:
+        return ControlState(
+            version=self.version,
+            decision=self.decision,
+            intents=MappingProxyType(self.intents),
+            intent_seq=self.intent_seq,
+            observations=MappingProxyType(self.observations),
+            history=self.history,
+        )
+
+    def _deserialize(self, data: Any) -> None:
+        # Called by pysyncobj when it loads a snapshot (from disk on restart, or sent by
+        # the leader to a member that fell behind the compacted log).
+        super()._deserialize(data)
+        self._publish()
+
+    def _publish(self) -> None:
+        try:
+            self._on_change(self.snapshot())
+        except Exception:
+            log.exception("publishing the applied state failed")
+
+    def _changed(self) -> None:
+        self.version += 1
+        self._publish()
+
+    def _revision(self) -> int:
+        return self.decision.revision if self.decision is not None else 0
+
+    # -- replicated commands -------------------------------------------------------------
+
+    @_replicated
+    @_never_raises
+    def publish_observations(self, observer: str, observations: Sequence[Observation]) -> None:
+        self.observations = observations_replace(self.observations, observer, observations)
+        self._changed()
+
+    @_replicated
+    @_never_raises
+    def submit_intent(self, intent: Intent, at: float) -> Intent | ControlplaneError:
+        known = self.intents.get(intent.id) or self.recent_intents.get(intent.id)
+        if known is not None:
+            return known
+        seq = self.intent_seq + 1
+        committed = dataclasses.replace(intent, seq=seq)
+        try:
+            intents = apply_intent(self.intents, committed)
+        except Rejected as exc:
+            return exc
+        self.intents = intents
+        self.intent_seq = seq
+        self._remember(committed)
+        self.history = history_add(
+            self.history,
+            HistoryEntry(
+                kind="intent",
+                at=at,
+                revision=self._revision(),
+                summary=committed.describe(),
+                intent_id=committed.id,
+                who=committed.who,
+            ),
+        )
+        self._changed()
+        return committed
+
+    @_replicated
+    @_never_raises
+    def delete_intent(self, intent_id: str, who: str, reason: str, at: float) -> Intent | ControlplaneError:
+        try:
+            intents = remove_intent(self.intents, intent_id)
+        except Rejected as exc:
+            return exc
+        removed = self.intents[intent_id]
+        self.intents = intents
+        # A removal changes what the decision must reflect, so it takes a sequence number
+        # too: the next decision carries it and a writer can see its removal took effect.
+        self.intent_seq += 1
+        self.history = history_add(
+            self.history,
+            HistoryEntry(
+                kind="intent-removed",
+                at=at,
+                revision=self._revision(),
+                summary=f"{removed.describe()} removed by {who} ({reason})",
+                intent_id=intent_id,
+                who=who,
+            ),
+        )
+        self._changed()
+        return removed
+
+    @_replicated
+    @_never_raises
+    def commit_decision(self, decision: Decision) -> Decision | ControlplaneError:
+        if decision.term < self.fence_term:
+            return NotLeader(
+                f"decision of term {decision.term} refused: term {self.fence_term} has begun",
+                leader=None,
+            )
+        current = self.decision
+        # The first decision may start at any revision; after that, exactly the next one.
+        acceptable = decision.revision >= 1 if current is None else decision.revision == current.revision + 1
+        if not acceptable:
+            return Conflict(
+                f"revision {decision.revision} is not the next revision",
+                f"committed revision is {self._revision()}",
+            )
+        self.decision = decision
+        self.fence_term = decision.term
+        self.history = history_add(
+            self.history,
+            HistoryEntry(
+                kind="decision",
+                at=decision.committed_at,
+                revision=decision.revision,
+                summary=_decision_summary(decision),
+                who=decision.leader or None,
+            ),
+        )
+        self._changed()
+        return decision
+
+    @_replicated
+    @_never_raises
+    def claim_term(self, term: int) -> None:
+        # Not part of ControlState, so `version` does not move: nothing a reader sees changed.
+        self.fence_term = max(self.fence_term, term)
+
+    # -- helpers -------------------------------------------------------------------------
+
+    def _remember(self, intent: Intent) -> None:
+        # Insertion order is deterministic, so every member evicts the same ids.
+        self.recent_intents[intent.id] = intent
+        while len(self.recent_intents) > INTENT_DEDUP_LIMIT:
+            del self.recent_intents[next(iter(self.recent_intents))]
+
+
+def _decision_summary(decision: Decision) -> str:
+    text = "; ".join(decision.reasons) if decision.reasons else f"revision {decision.revision}"
+    if len(text) > _SUMMARY_MAX_CHARS:
+        text = text[: _SUMMARY_MAX_CHARS - 3] + "..."
+    return text

@@ -1,0 +1,256 @@
+"""`controlplane demo`: a whole deployment on loopback through an outage and a recovery.
+
+Three real agent processes (one per region) probe simulated region backends; a
+simulated load balancer sends real requests by the committed weights. The script takes
+`cn-east` down, shows the weights moving on every agent with the reasons, brings it
+back, shows the recovery hold and the ramp, prints a traffic timeline and exits 0 when
+everything happened as it should (1 otherwise, saying what did not).
+
+`--serve` keeps the deployment running for a person to explore with curl and cpctl.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from controlplane.localcluster import LocalCluster, load_demo_config, remap_ports
+from controlplane.sim.loadbalancer import SimLoadBalancer
+
+SERVICE = "order"
+FAILED_REGION = "cn-east"
+
+
+@dataclass
+class DemoOptions:
+    serve: bool = False
+    config_path: Path | None = None
+    random_ports: bool = False
+    backend: str = "raft"
+    etcd_endpoints: list[str] = field(default_factory=list)
+    log_dir: Path | None = None
+
+
+class Out:
+    """Timestamped lines relative to the start of the demo."""
+
+    def __init__(self) -> None:
+        self.t0 = time.monotonic()
+        self.t0_wall = time.time()
+
+    def __call__(self, text: str = "") -> None:
+        print(f"[{time.monotonic() - self.t0:6.1f}s] {text}" if text else "", flush=True)
+
+
+def weights_line(decision: dict[str, Any], service: str = SERVICE) -> str:
+    placements = decision["services"][service]
+    parts = [f"{r} {p['weight']:>3} {p['state']:<8}" for r, p in placements.items()]
+    return "  ".join(parts)
+
+
+def features_off(decision: dict[str, Any]) -> str:
+    off = [name for name, on in decision["features"].items() if not on]
+    text = ", ".join(off) if off else "none"
+    if decision.get("shed_fraction"):
+        text += f"; shedding {decision['shed_fraction']:.0%}"
+    return text
+
+
+async def wait_all(
+    cluster: LocalCluster, check: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
+) -> dict[str, dict[str, Any]]:
+    async def all_agents() -> dict[str, dict[str, Any]] | None:
+        ds = await cluster.decisions()
+        if ds and all(d is not None and check(d) for d in ds.values()):
+            return {k: v for k, v in ds.items() if v is not None}
+        return None
+
+    result: dict[str, dict[str, Any]] = await cluster.wait_for(all_agents, timeout_s, what, interval_s=0.05)
+    return result
+
+
+def print_timeline(
+    out: Out, lb: SimLoadBalancer, marks: dict[float, str], revisions: dict[float, str]
+) -> None:
+    regions = list(lb.backends)
+    header = "  t(s)  " + "".join(f"{r:>10}" for r in regions) + "    failed   event"
+    print("\nTraffic timeline (requests per second through the simulated load balancer, service order)")
+    print(header)
+    for s in lb.history:
+        t = s.at - out.t0_wall
+        cells = "".join(f"{s.ok[r]:>10}" for r in regions)
+        failed = sum(s.failed.values())
+        events = [m for at, m in marks.items() if s.at <= at < s.at + 1]
+        events += [m for at, m in revisions.items() if s.at <= at < s.at + 1]
+        print(f"{t:6.0f}  {cells}  {failed:>8}   {'; '.join(events)}")
+
+
+async def run_demo(options: DemoOptions) -> int:
+    if options.backend != "raft":
+        print("controlplane demo: the etcd backend is not available in this build", file=sys.stderr)
+        return 2
+    config = load_demo_config(options.config_path)
+    if options.random_ports:
+        config = remap_ports(config)
+    token = os.environ.get("CONTROLPLANE_ADMIN_TOKEN") or secrets.token_hex(16)
+    out = Out()
+    async with LocalCluster(config, admin_token=token, workdir=options.log_dir) as cluster:
+        agents = list(cluster.agents.values())
+        out("started 3 agents (real processes) and simulated backends for 3 regions x 3 services:")
+        for a in agents:
+            out(f"  {a.id:<14} region {a.region:<9} http://{a.http}  raft {a.raft}")
+        ready = await cluster.wait_ready(60)
+        out(f"cluster ready: leader {ready['leader']}, revision {ready['revision']}")
+        out(f"  {SERVICE}: {weights_line(ready)}")
+        backends = {
+            r: f"http://{b.url.split('://', 1)[1].split('/', 1)[0]}"
+            for (r, s), b in cluster.backends.items()
+            if s == SERVICE
+        }
+        lb = SimLoadBalancer(agents=[a.url for a in agents], service=SERVICE, backends=backends, rps=100)
+        async with lb:
+            if options.serve:
+                return await serve_forever(out, cluster, token)
+            return await scripted(out, cluster, lb)
+
+
+async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer) -> int:
+    marks: dict[float, str] = {}
+    revisions: dict[float, str] = {}
+    problems: list[str] = []
+    follower = asyncio.create_task(follow_revisions(cluster, revisions))
+    try:
+        await asyncio.sleep(3)
+        out()
+        out(f"FAULT: every backend in {FAILED_REGION} stops accepting connections")
+        fault_at = time.time()
+        marks[fault_at] = f"{FAILED_REGION} down"
+        await cluster.fail_region(FAILED_REGION)
+        moved = await wait_all(
+            cluster,
+            lambda d: d["services"][SERVICE][FAILED_REGION]["weight"] == 0,
+            30,
+            f"{FAILED_REGION} weight 0 on every agent",
+        )
+        elapsed = time.time() - fault_at
+        d = next(iter(moved.values()))
+        rev = d["revision"]
+        out(f"every agent serves revision {rev} without {FAILED_REGION}, {elapsed:.1f} s after the fault")
+        out(f"  {SERVICE}: {weights_line(d)}")
+        out(f"  features off: {features_off(d)}")
+        for reason in d["reasons"]:
+            out(f"  reason: {reason}")
+        budget = cluster.config["policy"].get("failover_budget_s", 30)
+        if elapsed > budget:
+            problems.append(f"failover took {elapsed:.1f} s, over the {budget} s budget")
+        await asyncio.sleep(4)
+
+        out()
+        out(f"RECOVERY: {FAILED_REGION} backends answer again")
+        healed_at = time.time()
+        marks[healed_at] = f"{FAILED_REGION} back"
+        await cluster.heal_region(FAILED_REGION)
+        held = await wait_all(
+            cluster,
+            lambda d: (
+                "recovering" in " ".join(d["reasons"]) or d["services"][SERVICE][FAILED_REGION]["weight"] > 0
+            ),
+            30,
+            "the recovery hold",
+        )
+        d = next(iter(held.values()))
+        out(f"verdict up again, revision {d['revision']}: held before taking traffic")
+        for reason in d["reasons"]:
+            if "recovering" in reason:
+                out(f"  reason: {reason}")
+        seen_weights: list[int] = []
+        base = None
+
+        async def fully_back() -> dict[str, Any] | None:
+            nonlocal base
+            ds = await cluster.decisions()
+            first = next(iter(ds.values()), None)
+            if first is None:
+                return None
+            w = first["services"][SERVICE][FAILED_REGION]["weight"]
+            if not seen_weights or seen_weights[-1] != w:
+                seen_weights.append(w)
+                if w > 0:
+                    out(f"  revision {first['revision']}: {SERVICE}: {weights_line(first)}")
+            ramping = any("ramping" in r or "recovering" in r for r in first["reasons"])
+            same = len({x["revision"] for x in ds.values() if x}) == 1
+            return first if w > 0 and not ramping and same and all(ds.values()) else None
+
+        final = await cluster.wait_for(fully_back, 60, f"{FAILED_REGION} fully ramped", interval_s=0.05)
+        back_s = time.time() - healed_at
+        out(f"{FAILED_REGION} fully back after {back_s:.1f} s; features off: {features_off(final)}")
+        ramp_steps = [w for w in seen_weights if w > 0]
+        if len(ramp_steps) < 2:
+            problems.append(f"expected a ramp in steps, saw weights {seen_weights}")
+        await asyncio.sleep(2)
+    finally:
+        follower.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await follower
+    print_timeline(out, lb, marks, revisions)
+    ok, failed = lb.totals()
+    print(
+        f"\nrequests: {sum(ok.values())} ok, {sum(failed.values())} failed "
+        f"({', '.join(f'{r} {n}' for r, n in sorted(failed.items())) or 'none'})"
+    )
+    if problems:
+        print("\nDEMO FAILED:\n  " + "\n  ".join(problems))
+        return 1
+    print("\ndemo finished: outage detected, traffic moved, region recovered through hold and ramp")
+    return 0
+
+
+async def follow_revisions(cluster: LocalCluster, revisions: dict[float, str]) -> None:
+    seen = 0
+    while True:
+        ds = await cluster.decisions()
+        for d in ds.values():
+            if d and d["revision"] > seen:
+                seen = d["revision"]
+                revisions[time.time()] = f"rev {seen}: " + weights_short(d)
+        await asyncio.sleep(0.1)
+
+
+def weights_short(d: dict[str, Any]) -> str:
+    return "/".join(str(p["weight"]) for p in d["services"][SERVICE].values())
+
+
+async def serve_forever(out: Out, cluster: LocalCluster, token: str) -> int:
+    first = next(iter(cluster.agents.values()))
+    out()
+    out("the deployment keeps running; try:")
+    print(
+        f"""
+    export CPCTL_ENDPOINT=http://{first.http}
+    export CPCTL_TOKEN={token}
+    curl -s http://{first.http}/v1/decision | python3 -m json.tool
+    curl -s http://{first.http}/v1/cluster
+    cpctl status
+    cpctl drain cn-east --reason "try a drain" --yes
+    cpctl undrain cn-east --reason "done" --yes
+
+  Ctrl-C stops everything.
+""",
+        flush=True,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    out("stopping")
+    return 0

@@ -1,0 +1,337 @@
+"""What only the embedded Raft backend promises: authentication by the cluster secret,
+log compaction without fork, the dial override, term fencing in the state machine, and
+how pysyncobj's failures map to store errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import pathlib
+import socket
+import time
+
+import pytest
+from pysyncobj import FAIL_REASON
+
+from controlplane.consensus import ControlState, RaftStore, RaftTimings
+from controlplane.consensus.raft import SNAPSHOT_FILE, write_failed
+from controlplane.consensus.raft_machine import ControlMachine
+from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
+from controlplane.model import Decision, Intent, Observation
+
+from .conftest import SECRET, Backend, ClusterFactory, RaftBackend, eventually, free_port
+from .test_behaviour import drain, make_decision, seen, undrain
+
+# Compaction as soon as the journal holds more than 20 entries, so a test reaches it.
+COMPACTING = RaftTimings(compaction_min_entries=20)
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> Backend:
+    timings = getattr(request, "param", RaftTimings())
+    return RaftBackend(timings=timings)
+
+
+# -- configuration ----------------------------------------------------------------------
+
+
+def test_a_member_without_a_secret_is_refused(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        RaftStore(member_id="m0", members={"m0": "127.0.0.1:7001"}, secret="", data_dir=tmp_path)
+    assert [p.split(":")[0] for p in refused.value.problems] == ["cluster.secret"]
+
+
+def test_unusable_settings_are_all_listed(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError) as refused:
+        RaftStore(
+            member_id="m9",
+            members={"m0": "127.0.0.1:7001", "m1": "nowhere"},
+            secret="s",
+            data_dir=tmp_path,
+            timings=RaftTimings(heartbeat_s=0.2),
+            dial={"m7": "127.0.0.1:1"},
+        )
+    fields = sorted(p.split(":")[0] for p in refused.value.problems)
+    assert fields == ["backend.raft.heartbeat_s", "cluster.agents", "cluster.agents.m1.raft", "dial.m7"]
+
+
+# -- the cluster secret -----------------------------------------------------------------
+
+
+async def test_a_member_with_the_wrong_secret_cannot_join_nor_write(cluster_factory: ClusterFactory) -> None:
+    cluster = await cluster_factory(3, start=False)
+    await cluster.start("m0")
+    await cluster.start("m1")
+    intruder = await cluster.start("m2", secret="not-" + SECRET)
+    await cluster.wait_for_leader(among=["m0", "m1"])
+    good = [cluster.store("m0"), cluster.store("m1")]
+    before = [seen(s) for s in good]
+
+    with pytest.raises(StoreError):
+        await intruder.submit_intent(drain("intruder-drain"))
+    with pytest.raises(StoreError):
+        await intruder.publish_observations("m2", [Observation("m2", "cn-east", "order", up=False, at=1.0)])
+    with pytest.raises(NotLeader):
+        await intruder.commit_decision(make_decision(1, intruder.status()))
+
+    await asyncio.sleep(0.3)
+    assert [seen(s) for s in good] == before
+    for store in good:
+        assert {m.id: m.connected for m in store.status().members}["m2"] is False
+    status = intruder.status()
+    assert (status.leader, status.has_quorum) == (None, False)
+    assert not any(m.connected for m in status.members if m.id != "m2")
+
+    # The good members carry on without it, and nothing reaches it.
+    committed = await good[0].submit_intent(drain("real-drain"))
+    await eventually(lambda: good[1].state().intents.get("real-drain") == committed, what="the drain on m1")
+    await asyncio.sleep(0.2)
+    assert intruder.state().version == 0
+    assert not intruder.state().intents
+
+
+# -- journal, compaction, restart -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", [pytest.param(COMPACTING, id="compacting")], indirect=True)
+async def test_compaction_without_fork_then_restart_recovers_the_state(
+    cluster_factory: ClusterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_fork() -> int:
+        raise AssertionError("the raft backend must not fork")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+    cluster = await cluster_factory(3)
+    leader_id, leader = cluster.leader()
+    await leader.commit_decision(make_decision(1, leader.status()))
+    for i in range(3 * COMPACTING.compaction_min_entries):
+        observation = Observation(leader_id, "cn-east", "order", up=i % 2 == 0, at=float(i))
+        await leader.publish_observations(leader_id, [observation])
+    snapshots = [cluster.data_dir(m) / SNAPSHOT_FILE for m in cluster.member_ids]
+    await eventually(lambda: all(p.exists() for p in snapshots), what="a snapshot on every member")
+    # Entries after the snapshot must come back from the journal on top of it.
+    await cluster.store("m1").submit_intent(drain("after-snapshot"))
+    await leader.commit_decision(make_decision(2, leader.status()))
+    await cluster.converged(
+        lambda s: s.decision is not None and s.decision.revision == 2 and "after-snapshot" in s.intents
+    )
+    before = {m: seen(s) for m, s in cluster.stores.items()}
+    assert all(len(s.state().history) == 3 for s in cluster.stores.values())
+
+    await cluster.stop_all()
+    await cluster.start_all()
+
+    assert {m: seen(s) for m, s in cluster.stores.items()} == before
+    new_id = await cluster.wait_for_leader()
+    new = cluster.store(new_id)
+    third = make_decision(3, new.status())
+    await new.commit_decision(third)
+    await cluster.converged(lambda s: s.decision == third)
+
+
+async def test_a_port_in_use_fails_start_cleanly(tmp_path: pathlib.Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        store = RaftStore(member_id="m0", members={"m0": address}, secret=SECRET, data_dir=tmp_path)
+        with pytest.raises(StoreError):
+            await store.start()
+        await store.close()
+        assert store.status().has_quorum is False
+
+
+# -- the dial override ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Forwarder:
+    """A plain TCP forwarder in front of one member, counting what goes through it."""
+
+    target_port: int
+    port: int = 0
+    connections: int = 0
+    bytes: int = 0
+    server: asyncio.Server | None = None
+    pipes: set[asyncio.StreamWriter] = dataclasses.field(default_factory=set)
+    tasks: set[asyncio.Task[None]] = dataclasses.field(default_factory=set)
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.pipes |= {writer, up_writer}
+        for src, dst in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pipe(src, dst))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                self.bytes += len(data)
+                dst.write(data)
+                await dst.drain()
+        dst.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for writer in self.pipes:
+            writer.close()
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.server is not None:
+            await self.server.wait_closed()
+
+
+async def test_members_dialled_through_forwarders_keep_their_identity(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = await cluster_factory(3, start=False)
+    forwarders = {m: Forwarder(int(a.rsplit(":", 1)[1])) for m, a in cluster.addresses.items()}
+    try:
+        for forwarder in forwarders.values():
+            await forwarder.start()
+        for member in cluster.member_ids:
+            dial = {m: f"127.0.0.1:{f.port}" for m, f in forwarders.items() if m != member}
+            await cluster.start(member, dial=dial)
+        leader_id = await cluster.wait_for_leader()
+        leader = cluster.store(leader_id)
+        decision = make_decision(1, leader.status())
+        await leader.commit_decision(decision)
+        await cluster.converged(lambda s: s.decision == decision)
+
+        # Each pair of members has one connection, dialled by one side: three in all.
+        assert sum(f.connections for f in forwarders.values()) == 3
+        assert sum(f.bytes for f in forwarders.values()) > 0
+        for store in cluster.stores.values():
+            assert all(m.connected for m in store.status().members)
+            assert store.status().leader == leader_id
+
+        # Cut the forwarders: the members lose each other, so the path really was the dial.
+        for forwarder in forwarders.values():
+            await forwarder.close()
+        await eventually(
+            lambda: not any(s.status().has_quorum for s in cluster.stores.values()),
+            timeout_s=5.0,
+            what="every member to notice it is cut off",
+        )
+        assert all(s.status().quorum_lost_at is not None for s in cluster.stores.values())
+        with pytest.raises(StoreError):
+            await leader.submit_intent(drain("cut-off"))
+    finally:
+        for forwarder in forwarders.values():
+            await forwarder.close()
+
+
+# -- the state machine on its own -------------------------------------------------------
+
+
+def apply(machine: ControlMachine, command: str, *args: object) -> object:
+    """Run one command the way pysyncobj applies a committed entry, without a cluster."""
+    return getattr(machine, command)(*args, _doApply=True)
+
+
+def stamped(revision: int, term: int) -> Decision:
+    return Decision(
+        revision=revision, services={}, features={}, term=term, leader="m0", committed_at=float(revision)
+    )
+
+
+def test_the_machine_refuses_a_decision_from_a_term_already_superseded() -> None:
+    published: list[ControlState] = []
+    machine = ControlMachine(published.append)
+
+    assert apply(machine, "commit_decision", stamped(1, term=2)) == stamped(1, term=2)
+    apply(machine, "claim_term", 3)  # a new leader was elected in term 3
+    late = apply(machine, "commit_decision", stamped(2, term=2))  # the old leader's late write
+
+    assert isinstance(late, NotLeader)
+    assert machine.snapshot().decision == stamped(1, term=2)
+    assert isinstance(apply(machine, "commit_decision", stamped(3, term=3)), Conflict)
+    assert apply(machine, "commit_decision", stamped(2, term=3)) == stamped(2, term=3)
+    assert [s.decision.revision for s in published if s.decision] == [1, 2]
+
+
+def test_the_machine_applies_an_intent_once_and_refusals_change_nothing() -> None:
+    machine = ControlMachine(lambda state: None)
+
+    first = apply(machine, "submit_intent", drain("d1"), 10.0)
+    again = apply(machine, "submit_intent", drain("d1"), 11.0)
+    cleared = apply(machine, "submit_intent", undrain("u1"), 12.0)
+    replayed = apply(machine, "submit_intent", undrain("u1"), 13.0)  # not standing, still known
+    before = machine.snapshot()
+    refused = apply(machine, "submit_intent", undrain("u2"), 14.0)
+
+    assert isinstance(first, Intent) and first.seq == 1
+    assert again == first
+    assert isinstance(cleared, Intent) and cleared.seq == 2
+    assert replayed == cleared
+    assert isinstance(refused, Rejected)
+    assert machine.snapshot() == before
+    assert (before.version, before.intent_seq, dict(before.intents)) == (2, 2, {})
+    assert [h.at for h in before.history] == [10.0, 12.0]
+
+
+def test_the_published_snapshot_cannot_be_changed_by_its_reader() -> None:
+    machine = ControlMachine(lambda state: None)
+    apply(machine, "submit_intent", drain("d1"), 1.0)
+    state = machine.snapshot()
+    with pytest.raises(TypeError):
+        state.intents["d2"] = drain("d2")  # type: ignore[index]
+
+
+def test_an_unexpected_failure_in_a_command_is_returned_not_raised() -> None:
+    machine = ControlMachine(lambda state: None)
+    before = machine.snapshot()
+
+    # Raising here would make pysyncobj apply the same entry again on every tick.
+    result = apply(machine, "publish_observations", "m0", [None])
+
+    assert isinstance(result, StoreError)
+    assert machine.snapshot() == before
+
+
+@pytest.mark.parametrize(
+    ("reason", "error"),
+    [
+        (FAIL_REASON.NOT_LEADER, NotLeader),
+        (FAIL_REASON.DISCARDED, NotLeader),
+        (FAIL_REASON.LEADER_CHANGED, NoQuorum),
+        (FAIL_REASON.UNKNOWN_OUTCOME, NoQuorum),
+        (FAIL_REASON.MISSING_LEADER, NoQuorum),
+        (FAIL_REASON.QUEUE_FULL, StoreError),
+        (FAIL_REASON.REQUEST_DENIED, StoreError),
+    ],
+)
+def test_pysyncobj_failures_map_to_store_errors(reason: int, error: type[StoreError]) -> None:
+    mapped = write_failed(reason, leader="m1")
+    assert type(mapped) is error
+    if isinstance(mapped, NotLeader):
+        assert mapped.leader == "m1"
+
+
+async def test_writes_fail_fast_without_a_leader(tmp_path: pathlib.Path) -> None:
+    members = {"m0": f"127.0.0.1:{free_port()}", "m1": f"127.0.0.1:{free_port()}"}
+    alone = RaftStore(member_id="m0", members=members, secret=SECRET, data_dir=tmp_path)
+    await alone.start()
+    try:
+        started = time.monotonic()
+        with pytest.raises(NoQuorum):
+            await alone.submit_intent(drain("d1"))
+        assert time.monotonic() - started < 0.5
+        assert alone.status().has_quorum is False
+        assert alone.status().quorum_lost_at is not None
+    finally:
+        await alone.close()
