@@ -130,6 +130,23 @@ class RegionServiceConfig(_Strict):
     targets: Annotated[tuple[TargetConfig, ...], Field(min_length=1, max_length=32)]
     capacity_rps: PositiveFloat | None = None
     weight: PositiveFloat | None = None
+    # Where load balancers send this service's traffic in this region (host:port);
+    # by default the first probe target's host and port.
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str | None) -> str | None:
+        return None if v is None else _host_port(v)
+
+    def data_address(self) -> str:
+        if self.address is not None:
+            return self.address
+        rest = self.targets[0].url.split("://", 1)[1]
+        hostport = rest.split("/", 1)[0]
+        if ":" not in hostport:
+            hostport += ":443" if self.targets[0].url.startswith("https") else ":80"
+        return hostport
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -199,7 +199,8 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     sup.start("watch", watch_loop(node, tick_s=1.0))
     sup.start("revision feed", node.feed.run())
 
-    runner = web.AppRunner(create_app(node), access_log=None, shutdown_timeout=2.0)
+    # handler_cancellation: a client that hangs up frees its blocking query at once.
+    runner = web.AppRunner(create_app(node), access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
     await runner.setup()
     sup.on_stop("http", runner.cleanup)
     host, _, port = http.rpartition(":")

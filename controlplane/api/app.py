@@ -9,12 +9,14 @@ same shape and are logged; the traceback never reaches the client.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from aiohttp import web
 
 from controlplane.agent.node import Node
-from controlplane.api import read
-from controlplane.api.common import NODE, Handler, error_response, route_name
+from controlplane.api import openapi, read, write
+from controlplane.api.auth import require_read
+from controlplane.api.common import NODE, Handler, error_response, json_response, route_name
 from controlplane.errors import ControlplaneError
 
 log = logging.getLogger(__name__)
@@ -32,7 +34,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     except web.HTTPException as e:
         if e.status < 400:
             raise
-        response = error_response(e.status, e.reason, e.text or "")
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+        response = error_response(e.status, e.reason, e.text or "", headers=allow)
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = error_response(500, "internal error", "see the agent's log")
@@ -40,11 +43,28 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     return response
 
 
+@web.middleware
+async def read_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method in ("GET", "HEAD"):
+        require_read(request)
+    return await handler(request)
+
+
+async def get_openapi(request: web.Request) -> web.StreamResponse:
+    return json_response(request.app[OPENAPI])
+
+
+OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+
+
 def create_app(node: Node) -> web.Application:
     app = web.Application(
-        middlewares=[errors_and_metrics],
+        middlewares=[errors_and_metrics, read_auth],
         client_max_size=node.settings.model.api.max_body_bytes,
     )
     app[NODE] = node
     read.add_routes(app)
+    write.add_routes(app)
+    app[OPENAPI] = openapi.build()
+    app.router.add_get("/openapi.json", get_openapi)
     return app

@@ -7,14 +7,19 @@ keeps serving the last committed decision (static stability) and says so with
 
 from __future__ import annotations
 
+import asyncio
 import random
+import re
 from typing import Any
 
+import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controlplane.agent.node import Node
 from controlplane.api.common import NODE, error_response, json_response
 from controlplane.decide.verdicts import is_fresh
-from controlplane.errors import Rejected
+from controlplane.errors import NotFound, Rejected
 from controlplane.model import Decision, decision_to_json, observation_to_json
 
 
@@ -38,36 +43,27 @@ def decision_body(request: web.Request, decision: Decision) -> dict[str, Any]:
     return body
 
 
+WAIT_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m)?$")
+INDEX_RE = re.compile(r"^[0-9]{1,18}$")
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
+
+
 def parse_wait(text: str | None, default_s: float, max_s: float) -> float:
     """Consul's `wait`: `30s`, `500ms`, `2m` or plain seconds; capped at `max_s`."""
-    if text is None or text == "":
+    if text is None:
         return min(default_s, max_s)
-    units = {"ms": 0.001, "s": 1.0, "m": 60.0}
-    for suffix in ("ms", "s", "m"):
-        if text.endswith(suffix):
-            number, scale = text[: -len(suffix)], units[suffix]
-            break
-    else:
-        number, scale = text, 1.0
-    try:
-        seconds = float(number) * scale
-    except ValueError:
-        raise Rejected("bad wait", f"wait must look like 30s, 500ms or 2m (got {text!r})") from None
-    if not seconds >= 0 or seconds == float("inf"):
-        raise Rejected("bad wait", f"wait must be a finite duration >= 0 (got {text!r})")
-    return min(seconds, max_s)
+    match = WAIT_RE.match(text)
+    if match is None:
+        raise Rejected("bad wait", f"wait must look like 30s, 500ms or 2m (got {text!r})")
+    return min(float(match.group(1)) * UNITS[match.group(2)], max_s)
 
 
 def parse_index(text: str | None) -> int | None:
-    if text is None or text == "":
+    if text is None:
         return None
-    try:
-        index = int(text)
-    except ValueError:
-        raise Rejected("bad index", f"index must be a revision number (got {text!r})") from None
-    if index < 0:
-        raise Rejected("bad index", f"index must be >= 0 (got {index})")
-    return index
+    if INDEX_RE.match(text) is None:
+        raise Rejected("bad index", f"index must be a revision number >= 0 (got {text!r})")
+    return int(text)
 
 
 async def blocking_decision(request: web.Request) -> Decision | None:
@@ -169,7 +165,178 @@ async def get_observations(request: web.Request) -> web.StreamResponse:
     return json_response({"observations": out, "ttl_s": policy.observation_ttl_s})
 
 
+async def get_features(request: web.Request) -> web.StreamResponse:
+    """Feature switches for application kill switches; blocking with `?index=` too."""
+    decision = await blocking_decision(request)
+    if decision is None:
+        return error_response(503, "no decision yet", "the cluster has not committed a decision yet")
+    node = request.app[NODE]
+    body = {
+        "revision": decision.revision,
+        "features": dict(decision.features),
+        "shed_fraction": decision.shed_fraction,
+        "stale": node.stale_for_s() is not None,
+    }
+    return json_response(body, headers=decision_headers(request, decision.revision))
+
+
+HEARTBEAT_S = 15.0
+SSE_WRITE_TIMEOUT_S = 10.0
+
+
+async def watch(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one `decision` event per new revision, heartbeats between.
+
+    Resumes after `Last-Event-ID` (or `?index=`); without either the current decision
+    is sent first. A client that stops reading is dropped after a bounded write wait.
+    """
+    node = request.app[NODE]
+    last = parse_index(request.headers.get("Last-Event-ID") or request.query.get("index"))
+    after = -1 if last is None else last
+    with node.watcher():
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        while True:
+            decision = await node.feed.wait_past(after, HEARTBEAT_S)
+            if decision is not None and decision.revision > after:
+                data = orjson.dumps(decision_body(request, decision))
+                chunk = b"id: %d\nevent: decision\ndata: %s\n\n" % (decision.revision, data)
+                after = decision.revision
+            else:
+                chunk = b": heartbeat\n\n"
+            async with asyncio.timeout(SSE_WRITE_TIMEOUT_S):
+                await response.write(chunk)
+
+
+FORMATS = ("json", "haproxy", "nginx", "envoy")
+
+
+async def get_weights(request: web.Request) -> web.StreamResponse:
+    """One service's weights, as JSON or rendered for a load balancer."""
+    node = request.app[NODE]
+    service = request.match_info["service"]
+    if service not in node.settings.policy.services:
+        known = ", ".join(node.settings.policy.services)
+        raise NotFound(f"unknown service {service!r}", f"known services: {known}")
+    fmt = request.query.get("format", "json")
+    if fmt not in FORMATS:
+        raise Rejected("bad format", f"format must be one of {', '.join(FORMATS)} (got {fmt!r})")
+    decision = await blocking_decision(request)
+    if decision is None:
+        return error_response(503, "no decision yet", "the cluster has not committed a decision yet")
+    headers = decision_headers(request, decision.revision)
+    placements = decision.services.get(service, {})
+    if fmt == "json":
+        body = {
+            "service": service,
+            "revision": decision.revision,
+            "weights": {r: p.weight for r, p in placements.items()},
+            "states": {r: str(p.state) for r, p in placements.items()},
+            "stale": node.stale_for_s() is not None,
+        }
+        return json_response(body, headers=headers)
+    from controlplane.lb import render  # type: ignore[import-not-found,unused-ignore]
+
+    addresses = service_addresses(node, service)
+    if fmt == "envoy":
+        return json_response(render.envoy_cla(decision, service, addresses), headers=headers)
+    text = (
+        render.haproxy_commands(decision, service, {r: (service, r) for r in addresses})
+        if fmt == "haproxy"
+        else render.nginx_upstream(decision, service, addresses)
+    )
+    return web.Response(text=text, content_type="text/plain", headers=headers)
+
+
+def service_addresses(node: Node, service: str) -> dict[str, str]:
+    """Data-plane address (host:port) of `service` in each region that runs it."""
+    out = {}
+    for region, rc in node.settings.regions.items():
+        sc = rc.services.get(service)
+        if sc is not None:
+            out[region] = sc.data_address()
+    return out
+
+
+async def get_regions(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    decision = node.state().decision
+    regions = []
+    for spec in node.settings.policy.regions:
+        rc = node.settings.regions[spec.name]
+        services = {}
+        for service, sc in rc.services.items():
+            p = decision.services.get(service, {}).get(spec.name) if decision else None
+            services[service] = {
+                "capacity_rps": spec.capacity_rps[service],
+                "base_weight": spec.base_weight[service],
+                "address": sc.data_address(),
+                "targets": [t.url for t in sc.targets],
+                "weight": p.weight if p else None,
+                "state": str(p.state) if p else None,
+                "verdict": str(p.verdict) if p else None,
+            }
+        agents = [a.id for a in node.settings.cluster.agents if a.region == spec.name]
+        regions.append({"name": spec.name, "agents": agents, "services": services})
+    return json_response({"regions": regions})
+
+
+async def get_history(request: web.Request) -> web.StreamResponse:
+    """Decisions and intents, newest first, `limit` at a time; `before` pages back."""
+    node = request.app[NODE]
+    page_max = node.settings.model.api.history_page_max
+    try:
+        limit = int(request.query.get("limit", "50"))
+        before = float(request.query["before"]) if "before" in request.query else None
+    except ValueError:
+        raise Rejected("bad paging", "limit must be an integer and before a Unix time") from None
+    if not 1 <= limit <= page_max:
+        raise Rejected("bad paging", f"limit must be between 1 and {page_max} (got {limit})")
+    history = node.state().history
+    newest_first = [e for e in reversed(history) if before is None or e.at < before]
+    page = newest_first[:limit]
+    more = len(newest_first) > limit
+    body = {
+        "entries": [
+            {
+                "kind": e.kind,
+                "at": e.at,
+                "revision": e.revision,
+                "summary": e.summary,
+                "intent_id": e.intent_id,
+                "who": e.who,
+            }
+            for e in page
+        ],
+        "next_before": page[-1].at if more and page else None,
+        "total": len(history),
+    }
+    return json_response(body)
+
+
+async def get_metrics(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    node.metrics.observe_status(node.status())
+    decision = node.state().decision
+    if decision is not None:
+        node.metrics.observe_decision(decision)
+    payload = generate_latest(node.metrics.registry)
+    return web.Response(body=payload, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
 def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/features", get_features)
+    app.router.add_get("/v1/watch", watch)
+    app.router.add_get("/v1/weights/{service}", get_weights)
+    app.router.add_get("/v1/regions", get_regions)
+    app.router.add_get("/v1/history", get_history)
+    app.router.add_get("/metrics", get_metrics)
     app.router.add_get("/v1/observations", get_observations)
     app.router.add_get("/v1/decision", get_decision)
     app.router.add_get("/v1/cluster", get_cluster)

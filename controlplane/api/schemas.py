@@ -1,0 +1,272 @@
+"""Request and response shapes of the HTTP API, as pydantic models.
+
+One definition serves three purposes: parsing and validating request bodies (a bad
+body becomes a 400 naming the field), documenting every route in `/openapi.json`, and
+letting the tests check that what the agents answer matches what is documented.
+Response models mirror `model.decision_to_json` and friends; they are not used on the
+hot path (the handlers build plain dicts and orjson encodes them).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Reason = Annotated[str, Field(min_length=1, max_length=500)]
+NameStr = Annotated[
+    str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+]
+Who = Annotated[str, Field(min_length=1, max_length=100)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: Reason
+    who: Who | None = None
+
+
+class DrainBody(_Body):
+    kind: Literal["drain"]
+    region: NameStr
+    service: NameStr | None = None
+
+
+class UndrainBody(_Body):
+    kind: Literal["undrain"]
+    region: NameStr
+    service: NameStr | None = None
+
+
+class FailoverBody(_Body):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    kind: Literal["failover"]
+    from_region: NameStr = Field(alias="from")
+    to_region: NameStr = Field(alias="to")
+    service: NameStr | None = None
+
+
+class OverrideBody(_Body):
+    kind: Literal["override"]
+    service: NameStr
+    weights: Annotated[dict[NameStr, Annotated[int, Field(ge=0, le=100)]], Field(min_length=1, max_length=64)]
+
+
+class FeatureBody(_Body):
+    kind: Literal["feature"]
+    name: NameStr
+    enabled: bool
+
+
+class FreezeBody(_Body):
+    kind: Literal["freeze"]
+
+
+class UnfreezeBody(_Body):
+    kind: Literal["unfreeze"]
+
+
+IntentBody = Annotated[
+    DrainBody | UndrainBody | FailoverBody | OverrideBody | FeatureBody | FreezeBody | UnfreezeBody,
+    Field(discriminator="kind"),
+]
+
+
+class IntentRequest(BaseModel):
+    """Wrapper so the discriminated union can be validated as one model."""
+
+    body: IntentBody
+
+
+class PlanBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    fail: Annotated[list[NameStr], Field(max_length=64)] = []
+    intents: Annotated[list[IntentBody], Field(max_length=16)] = []
+
+
+class DeleteIntentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: Reason
+    who: Who | None = None
+
+
+# -- responses -----------------------------------------------------------------------
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: str
+    code: str | None = None
+
+
+class PlacementOut(BaseModel):
+    weight: Annotated[int, Field(ge=0, le=100)]
+    state: Literal["healthy", "degraded", "down", "drained"]
+    verdict: Literal["up", "slow", "down", "unknown"]
+    verdict_since: float
+    serving_since: float | None
+    ramp: float
+
+
+class DecisionOut(BaseModel):
+    revision: int
+    term: int
+    committed_at: str
+    committed_at_unix: float
+    leader: str
+    panic: bool
+    frozen: bool
+    shed_fraction: float
+    services: dict[str, dict[str, PlacementOut]]
+    features: dict[str, bool]
+    reasons: list[str]
+    intent_seq: int
+    decided_at: float
+    next_review_at: float | None
+    stale: bool
+    stale_s: float | None = None
+    served_by: str
+
+
+class PlanOut(DecisionOut):
+    changes: list[str]
+    committed: Literal[False]
+
+
+class FeaturesOut(BaseModel):
+    revision: int
+    features: dict[str, bool]
+    shed_fraction: float
+    stale: bool
+
+
+class IntentOut(BaseModel):
+    id: str
+    kind: str
+    reason: str
+    who: str
+    created_at: float
+    seq: int
+    region: str | None = None
+    service: str | None = None
+    feature: str | None = None
+    enabled: bool | None = None
+    from_: str | None = Field(default=None, alias="from")
+    to: str | None = None
+    weights: dict[str, int] | None = None
+
+
+class IntentsOut(BaseModel):
+    intents: list[IntentOut]
+    intent_seq: int
+
+
+class IntentAccepted(BaseModel):
+    id: str
+    seq: int
+    revision: int | None
+    detail: str | None = None
+
+
+class MemberOut(BaseModel):
+    id: str
+    address: str
+    http: str | None
+    connected: bool
+    leader: bool
+
+
+class ClusterOut(BaseModel):
+    cluster: str
+    agent: str
+    backend: str
+    leader: str | None
+    is_leader: bool
+    term: int
+    commit_index: int
+    has_quorum: bool
+    stale_s: float | None
+    revision: int | None
+    members: list[MemberOut]
+
+
+class ObservationOut(BaseModel):
+    observer: str
+    region: str
+    service: str
+    up: bool
+    at: float
+    latency_ms: float | None
+    utilization: float | None
+    error: str | None
+    age_s: float
+    fresh: bool
+
+
+class ObservationsOut(BaseModel):
+    observations: list[ObservationOut]
+    ttl_s: float
+
+
+class RegionServiceOut(BaseModel):
+    capacity_rps: float
+    base_weight: float
+    address: str | None
+    targets: list[str]
+    weight: int | None
+    state: str | None
+    verdict: str | None
+
+
+class RegionOut(BaseModel):
+    name: str
+    agents: list[str]
+    services: dict[str, RegionServiceOut]
+
+
+class RegionsOut(BaseModel):
+    regions: list[RegionOut]
+
+
+class HistoryEntryOut(BaseModel):
+    kind: Literal["decision", "intent", "intent-removed"]
+    at: float
+    revision: int
+    summary: str
+    intent_id: str | None
+    who: str | None
+
+
+class HistoryOut(BaseModel):
+    entries: list[HistoryEntryOut]
+    next_before: float | None
+    total: int
+
+
+class HealthOut(BaseModel):
+    status: str
+    agent: str
+    uptime_s: float
+
+
+class ReadyOut(BaseModel):
+    ready: bool
+    agent: str
+    problems: list[str]
+    revision: int | None
+
+
+class WeightsOut(BaseModel):
+    service: str
+    revision: int
+    weights: dict[str, int]
+    states: dict[str, str]
+    stale: bool
+
+
+def schema_of(model: type[BaseModel]) -> dict[str, Any]:
+    return model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)

@@ -1,0 +1,181 @@
+"""Write routes: operator intents and what-if plans.
+
+A write is checked on the agent that receives it, against its view of the committed
+state: the body (shape, kinds, sizes), the names (regions, services, features), and the
+safety rules (a plan is computed with the intent; draining the last serving region is
+refused with 409). Only then is it submitted to the store, which commits it through
+consensus from any member (a Raft follower forwards it to the leader; without quorum it
+fails with 503 and nothing changes). The answer waits, bounded, for the decision
+revision that carries the intent, so the caller knows when the change is in force.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import orjson
+from aiohttp import web
+from pydantic import ValidationError
+
+from controlplane.api.auth import require_read, require_write
+from controlplane.api.common import NODE, json_response
+from controlplane.api.read import decision_body
+from controlplane.api.schemas import (
+    DeleteIntentBody,
+    DrainBody,
+    FailoverBody,
+    FeatureBody,
+    IntentRequest,
+    OverrideBody,
+    PlanBody,
+    UndrainBody,
+)
+from controlplane.errors import Rejected
+from controlplane.intents import apply_intent
+from controlplane.model import Intent, IntentKind, intent_to_json
+from controlplane.plan import changes, check_names, check_safe, plan
+
+COMMIT_WAIT_S = 5.0
+
+
+async def read_json(request: web.Request) -> Any:
+    if request.content_length is None and request.body_exists is False:
+        raise Rejected("missing body", "send a JSON object")
+    raw = await request.read()  # bounded by client_max_size (413 past it)
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as e:
+        raise Rejected("body is not JSON", str(e)) from None
+
+
+def validation_problem(e: ValidationError, drop: int = 0) -> Rejected:
+    problems = []
+    for err in e.errors(include_url=False):
+        loc = [
+            str(p)
+            for p in err["loc"][drop:]
+            if not (
+                isinstance(p, str)
+                and p in {"drain", "undrain", "failover", "override", "feature", "freeze", "unfreeze"}
+            )
+        ]
+        where = ".".join(loc) or "body"
+        problems.append(f"{where}: {err['msg']}")
+    return Rejected("invalid request", "; ".join(problems))
+
+
+def to_intent(body: Any, who: str, now: float) -> Intent:
+    who = getattr(body, "who", None) or who
+    fields: dict[str, Any] = {}
+    if isinstance(body, DrainBody | UndrainBody):
+        fields = {"region": body.region, "service": body.service}
+    elif isinstance(body, FailoverBody):
+        fields = {"from_region": body.from_region, "to_region": body.to_region, "service": body.service}
+    elif isinstance(body, OverrideBody):
+        fields = {"service": body.service, "weights": dict(body.weights)}
+    elif isinstance(body, FeatureBody):
+        fields = {"feature": body.name, "enabled": body.enabled}
+    return Intent(
+        id=uuid.uuid4().hex[:16],
+        kind=IntentKind(body.kind),
+        reason=body.reason,
+        who=who,
+        created_at=now,
+        **fields,
+    )
+
+
+def requester(request: web.Request) -> str:
+    return request.headers.get("X-Controlplane-User", "")[:100] or "api"
+
+
+def parse_intent(data: Any, who: str, now: float) -> Intent:
+    if not isinstance(data, dict):
+        raise Rejected("invalid request", "body must be a JSON object with a kind")
+    try:
+        parsed = IntentRequest.model_validate({"body": data})
+    except ValidationError as e:
+        raise validation_problem(e, drop=1) from None
+    return to_intent(parsed.body, who, now)
+
+
+async def post_intent(request: web.Request) -> web.StreamResponse:
+    require_write(request)
+    node = request.app[NODE]
+    now = node.clock()
+    intent = parse_intent(await read_json(request), requester(request), now)
+    policy = node.settings.policy
+    check_names(policy, intent)
+    state = node.state()
+    apply_intent(state.intents, intent)  # Rejected (nothing to undrain, ...) changes nothing
+    check_safe(policy, state, intent, now)
+    committed = await node.store.submit_intent(intent)
+    deadline = time.monotonic() + COMMIT_WAIT_S
+    revision = None
+    while time.monotonic() < deadline:
+        decision = node.state().decision
+        if decision is not None and decision.intent_seq >= committed.seq:
+            revision = decision.revision
+            break
+        await node.feed.wait_past(decision.revision if decision else -1, deadline - time.monotonic())
+    body: dict[str, Any] = {"id": committed.id, "seq": committed.seq, "revision": revision}
+    if revision is None:
+        body["detail"] = "committed; the decision carrying it is not served here yet"
+    return json_response(body, status=201 if revision is not None else 202)
+
+
+async def delete_intent(request: web.Request) -> web.StreamResponse:
+    require_write(request)
+    node = request.app[NODE]
+    intent_id = request.match_info["intent_id"]
+    data: Any = {}
+    if request.can_read_body:
+        data = await read_json(request)
+    data = {**dict(request.query), **(data if isinstance(data, dict) else {})}
+    data.setdefault("reason", "removed via API")
+    try:
+        parsed = DeleteIntentBody.model_validate(data)
+    except ValidationError as e:
+        raise validation_problem(e) from None
+    removed = await node.store.delete_intent(intent_id, parsed.who or requester(request), parsed.reason)
+    return json_response({"removed": intent_to_json(removed)})
+
+
+async def list_intents(request: web.Request) -> web.StreamResponse:
+    require_read(request)
+    state = request.app[NODE].state()
+    ordered = sorted(state.intents.values(), key=lambda i: i.seq)
+    return json_response({"intents": [intent_to_json(i) for i in ordered], "intent_seq": state.intent_seq})
+
+
+async def post_plan(request: web.Request) -> web.StreamResponse:
+    require_read(request)
+    node = request.app[NODE]
+    data = await read_json(request)
+    try:
+        parsed = PlanBody.model_validate(data)
+    except ValidationError as e:
+        raise validation_problem(e) from None
+    now = node.clock()
+    policy = node.settings.policy
+    unknown = sorted(set(parsed.fail) - {r.name for r in policy.regions})
+    if unknown:
+        raise Rejected("unknown region", f"fail names {', '.join(unknown)}, which are not configured")
+    intents = [to_intent(b, requester(request), now) for b in parsed.intents]
+    for intent in intents:
+        check_names(policy, intent)
+    state = node.state()
+    result = plan(policy, state, now, fail=parsed.fail, intents=intents)
+    body = decision_body(request, result)
+    body["changes"] = changes(state.decision, result)
+    body["committed"] = False
+    return json_response(body)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/intents", list_intents)
+    app.router.add_post("/v1/intents", post_intent)
+    app.router.add_delete("/v1/intents/{intent_id}", delete_intent)
+    app.router.add_post("/v1/plan", post_plan)
