@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import cast
@@ -176,11 +177,23 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     )
     sup.on_stop("probe session", session.close)
 
+    # Detection stage of a failover: from the first failed probe of a (region, service)
+    # to the observation that says it is down. One entry per pair at most.
+    failing_since: dict[tuple[str, str], float] = {}
+
     async def on_change(observations: list[Observation]) -> None:
+        for o in observations:
+            started = failing_since.get((o.region, o.service))
+            if not o.up and started is not None:
+                metrics.observe_stages({"detection": o.at - started})
         await publish(node, observations)
 
     def on_result(target: ProbeTarget, ok: bool, duration_s: float, error: str | None) -> None:
         metrics.observe_probe(target.region, target.service, ok, duration_s)
+        if ok:
+            failing_since.pop(target.key, None)
+        else:
+            failing_since.setdefault(target.key, time.time() - duration_s)
 
     prober = Prober(
         agent_id,
