@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -63,10 +64,8 @@ class MemoryStore(ControlStore):
     async def wait_for_change(self, after_version: int, timeout_s: float) -> ControlState:
         if self._state.version > after_version:
             return self._state
-        try:
+        with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._changed.wait(), timeout_s)
-        except TimeoutError:
-            pass
         return self._state
 
     async def publish_observations(self, observer: str, observations: Sequence[Observation]) -> None:

@@ -61,7 +61,7 @@ async def test_blocking_query_ends_at_its_wait_with_the_same_revision(
 ) -> None:
     current = await revision(cluster, agents[0])
     start = time.monotonic()
-    status, headers, body = await get_json(
+    status, _, body = await get_json(
         cluster.session, f"{cluster.agents[agents[0]].url}/v1/decision?index={current + 1000}&wait=1s"
     )
     assert status == 200
