@@ -13,9 +13,40 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
+
+
+def _restore(cls: type[Any], state: Mapping[str, Any]) -> Any:
+    """Rebuild a record from its pickled field map, tolerating added and removed fields."""
+    obj = object.__new__(cls)
+    for f in fields(cls):
+        if f.name in state:
+            value = state[f.name]
+        elif f.default is not MISSING:
+            value = f.default
+        elif f.default_factory is not MISSING:
+            value = f.default_factory()
+        else:
+            raise TypeError(f"cannot restore {cls.__name__}: field {f.name!r} missing and has no default")
+        object.__setattr__(obj, f.name, value)
+    return obj
+
+
+class Record:
+    """Pickles by field name, so journals survive a release that adds or drops a field.
+
+    The Raft journal and snapshots pickle these values. A frozen slots dataclass pickles
+    its fields as a positional list by default: a field added in the middle would shift
+    every value after it, silently. By name, an added field takes its default and a
+    removed one is ignored.
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_restore, (type(self), {f.name: getattr(self, f.name) for f in fields(self)}))  # type: ignore[arg-type]
 
 
 class State(enum.StrEnum):
@@ -59,7 +90,7 @@ STANDING_KINDS = frozenset(
 
 
 @dataclass(frozen=True, slots=True)
-class Observation:
+class Observation(Record):
     """One observer's local view of one (region, service) at time `at`.
 
     `up` already went through the probe's rise/fall counting. `latency_ms` is the last
@@ -78,7 +109,7 @@ class Observation:
 
 
 @dataclass(frozen=True, slots=True)
-class Intent:
+class Intent(Record):
     """An operator's instruction, committed through consensus with who and why.
 
     Only the fields of its kind are set: `region`/`service` for drain and undrain
@@ -184,7 +215,7 @@ class Policy:
 
 
 @dataclass(frozen=True, slots=True)
-class Placement:
+class Placement(Record):
     """One (service, region) in a decision.
 
     `weight` and `state` are what load balancers act on. `verdict` is what the
@@ -203,7 +234,7 @@ class Placement:
 
 
 @dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(Record):
     """The committed output. `revision` only grows; one decision per revision.
 
     `term`, `committed_at` and `leader` are stamped by the agent that commits it;

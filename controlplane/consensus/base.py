@@ -34,7 +34,7 @@ import abc
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from controlplane.model import Decision, Intent, Observation
+from controlplane.model import Decision, Intent, Observation, Record
 
 # How much history every member keeps; older entries are dropped.
 HISTORY_LIMIT = 1000
@@ -43,7 +43,7 @@ ObservationKey = tuple[str, str, str]  # (observer, region, service)
 
 
 @dataclass(frozen=True, slots=True)
-class HistoryEntry:
+class HistoryEntry(Record):
     """One line of the audit trail: a committed decision, intent or intent removal."""
 
     kind: str  # "decision" | "intent" | "intent-removed"
