@@ -6,6 +6,13 @@ optionally a fault-injecting proxy between every pair of agents, and tear it all
 (every process, every port) even when something fails. This module is that harness.
 It is test infrastructure that ships with the package because `controlplane demo` uses
 it; the agents it starts are the real daemon, unmodified.
+
+Faults it can inject, all real: a backend that refuses, blackholes or answers 503
+(`fail_region`, `set_backend`), a process killed, stopped or restarted (`kill_agent`,
+`pause_agent`, `stop_agent`, `start_agent`), a partition between agents (`mesh`, with
+`with_proxies=True`), and one observer's own path to a region cut while the others still
+reach it (`observer_paths` plus `cut_observer`): that agent is started with a config of
+its own whose targets for those regions point at `FaultProxy`s in front of the backends.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -25,27 +33,68 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import yaml
 
-from controlplane.faultproxy import ProxyMesh
+from controlplane.faultproxy import FaultProxy, ProxyMesh
 from controlplane.sim.backend import SimBackend
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
 DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+_rng = random.SystemRandom()
+
+
+def free_port(host: str = "127.0.0.1", exclude: Iterable[int] = ()) -> int:
+    """A port that is free now, below the kernel's ephemeral range (32768 and up).
+
+    Ports the kernel hands out for outgoing connections (agents dialling each other,
+    probes) come from the ephemeral range; picking listening ports outside it means a
+    port chosen here cannot be taken by one of those before its server binds it.
+    Ports in `exclude` (chosen already, not yet bound) are never returned.
+    """
+    excluded = set(exclude)
+    for _ in range(200):
+        port = _rng.randrange(20000, 32000)
+        if port in excluded:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free port found between 20000 and 32000")
 
 
 def _split(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     return host, int(port)
+
+
+def _with_port(url: str, port: int) -> str:
+    """`url` (http://host:port/path or tcp://host:port) with its port replaced."""
+    scheme, _, rest = url.partition("://")
+    hostport, slash, path = rest.partition("/")
+    host, _ = _split(hostport)
+    return f"{scheme}://{host}:{port}{slash}{path}"
+
+
+def _url_of(target: Any) -> str:
+    return str(target if isinstance(target, str) else target["url"])
+
+
+def _config_ports(config: Mapping[str, Any]) -> set[int]:
+    """Every port `config` has agents or targets listen on."""
+    ports = {_split(a[key])[1] for a in config["cluster"]["agents"] for key in ("raft", "http")}
+    for region in config["regions"].values():
+        for svc in region["services"].values():
+            for t in svc["targets"]:
+                ports.add(_split(_url_of(t).partition("://")[2].partition("/")[0])[1])
+    return ports
 
 
 def load_demo_config(path: Path | None = None) -> dict[str, Any]:
@@ -62,7 +111,8 @@ def remap_ports(config: dict[str, Any]) -> dict[str, Any]:
 
     def new(port: int) -> int:
         if port not in mapping:
-            mapping[port] = free_port()
+            # Nothing is bound yet: without the exclusion two ports could come out the same.
+            mapping[port] = free_port(exclude=mapping.values())
         return mapping[port]
 
     out: dict[str, Any] = json.loads(json.dumps(config))
@@ -74,11 +124,8 @@ def remap_ports(config: dict[str, Any]) -> dict[str, Any]:
         for svc in region["services"].values():
             targets = []
             for t in svc["targets"]:
-                url = t if isinstance(t, str) else t["url"]
-                scheme, _, rest = url.partition("://")
-                hostport, slash, path = rest.partition("/")
-                host, port = _split(hostport)
-                new_url = f"{scheme}://{host}:{new(port)}{slash}{path}"
+                url = _url_of(t)
+                new_url = _with_port(url, new(_split(url.partition("://")[2].partition("/")[0])[1]))
                 targets.append(new_url if isinstance(t, str) else {**t, "url": new_url})
             svc["targets"] = targets
     return out
@@ -103,9 +150,17 @@ class AgentProcess:
         return self.proc is not None and self.proc.poll() is None
 
 
+ObserverFault = Literal["refuse", "reset", "blackhole"]
+
+
 @dataclass
 class LocalCluster:
-    """Start with `async with LocalCluster(config) as c:`; everything stops on exit."""
+    """Start with `async with LocalCluster(config) as c:`; everything stops on exit.
+
+    `observer_paths` maps an agent id to regions that this agent (only) probes through
+    fault proxies of its own, so that `cut_observer` can cut its view of a region while
+    the other agents still reach the same backends.
+    """
 
     config: dict[str, Any]
     workdir: Path | None = None
@@ -117,6 +172,9 @@ class LocalCluster:
     backends: dict[tuple[str, str], SimBackend] = field(default_factory=dict)
     mesh: ProxyMesh | None = None
     config_path: Path | None = None
+    observer_paths: Mapping[str, Iterable[str]] = field(default_factory=dict)
+    target_proxies: dict[tuple[str, str], list[FaultProxy]] = field(default_factory=dict)
+    agent_config_paths: dict[str, Path] = field(default_factory=dict)
     _own_workdir: bool = False
     _session: aiohttp.ClientSession | None = None
 
@@ -133,7 +191,12 @@ class LocalCluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    async def start(self) -> None:
+    async def start(self, agents: bool = True) -> None:
+        """Start backends, proxies and (unless `agents` is False) every agent.
+
+        With `agents=False` the backends can be put in a state before any agent probes
+        them; start the agents with `start_agent`.
+        """
         if self.workdir is None:
             self.workdir = Path(tempfile.mkdtemp(prefix="controlplane-"))
             self._own_workdir = True
@@ -143,6 +206,7 @@ class LocalCluster:
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8")
         self._session = aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
         await self.start_backends()
+        await self._start_observer_paths()
         if self.with_proxies:
             self.mesh = ProxyMesh({a["id"]: a["raft"] for a in self.config["cluster"]["agents"]})
             await self.mesh.start()
@@ -155,8 +219,9 @@ class LocalCluster:
                 data_dir=self.workdir / "data" / a["id"],
                 log_path=self.workdir / f"{a['id']}.log",
             )
-        for agent_id in self.agents:
-            self.start_agent(agent_id)
+        if agents:
+            for agent_id in self.agents:
+                self.start_agent(agent_id)
 
     async def stop(self) -> None:
         for agent_id in list(self.agents):
@@ -173,6 +238,11 @@ class LocalCluster:
         if self.mesh is not None:
             await self.mesh.stop()
             self.mesh = None
+        for proxies in self.target_proxies.values():
+            for proxy in proxies:
+                with contextlib.suppress(Exception):
+                    await proxy.stop()
+        self.target_proxies.clear()
         for backend in self.backends.values():
             with contextlib.suppress(Exception):
                 await backend.stop()
@@ -193,6 +263,63 @@ class LocalCluster:
                 await backend.start()
                 self.backends[(region, service)] = backend
 
+    async def _start_observer_paths(self) -> None:
+        """Per-agent configs whose targets for some regions go through a proxy of their own."""
+        assert self.workdir is not None
+        agent_ids = {a["id"] for a in self.config["cluster"]["agents"]}
+        for agent_id, regions in self.observer_paths.items():
+            if agent_id not in agent_ids:
+                raise ValueError(f"observer_paths: unknown agent {agent_id!r} (agents: {sorted(agent_ids)})")
+            config: dict[str, Any] = json.loads(json.dumps(self.config))
+            for region in regions:
+                if region not in config["regions"]:
+                    raise ValueError(f"observer_paths.{agent_id}: unknown region {region!r}")
+                proxies = self.target_proxies.setdefault((agent_id, region), [])
+                for svc in config["regions"][region]["services"].values():
+                    targets = []
+                    for t in svc["targets"]:
+                        url = _url_of(t)
+                        host, port = _split(url.partition("://")[2].partition("/")[0])
+                        # A fixed port, so that a proxy stopped to refuse can listen again.
+                        taken = {*_config_ports(self.config), *(q.port for q in self._all_target_proxies())}
+                        proxy = FaultProxy(host, free_port(host, exclude=taken), host, port)
+                        await proxy.start()
+                        proxies.append(proxy)
+                        new_url = _with_port(url, proxy.port)
+                        targets.append(new_url if isinstance(t, str) else {**t, "url": new_url})
+                    svc["targets"] = targets
+            path = self.workdir / f"cluster-{agent_id}.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            self.agent_config_paths[agent_id] = path
+
+    async def cut_observer(self, agent_id: str, region: str, mode: ObserverFault = "refuse") -> None:
+        """Cut `agent_id`'s own path to `region` (listed in `observer_paths`).
+
+        `refuse`: nothing listens any more (connect refused, for HTTP and TCP probes alike);
+        `reset`: connections are accepted and reset; `blackhole`: accepted and never answered.
+        """
+        proxies = self._target_proxies_of(agent_id, region)
+        for proxy in proxies:
+            if mode == "refuse":
+                await proxy.stop()
+            else:
+                proxy.partition(mode)
+
+    async def heal_observer(self, agent_id: str, region: str) -> None:
+        for proxy in self._target_proxies_of(agent_id, region):
+            proxy.heal()
+            with contextlib.suppress(RuntimeError):  # still listening: it was not refusing
+                await proxy.start()
+
+    def _all_target_proxies(self) -> list[FaultProxy]:
+        return [proxy for proxies in self.target_proxies.values() for proxy in proxies]
+
+    def _target_proxies_of(self, agent_id: str, region: str) -> list[FaultProxy]:
+        try:
+            return self.target_proxies[(agent_id, region)]
+        except KeyError:
+            raise KeyError(f"{agent_id} probes {region} directly; see observer_paths") from None
+
     # -- agents ------------------------------------------------------------------------
 
     def env_for(self, agent_id: str) -> dict[str, str]:
@@ -211,7 +338,8 @@ class LocalCluster:
         a = self.agents[agent_id]
         if a.alive:
             raise RuntimeError(f"{agent_id} is already running")
-        assert self.config_path is not None
+        config_path = self.agent_config_paths.get(agent_id, self.config_path)
+        assert config_path is not None
         log = a.log_path.open("ab")
         try:
             a.proc = subprocess.Popen(
@@ -221,7 +349,7 @@ class LocalCluster:
                     "controlplane",
                     "agent",
                     "-c",
-                    str(self.config_path),
+                    str(config_path),
                     "--id",
                     agent_id,
                     "--data-dir",
@@ -247,6 +375,26 @@ class LocalCluster:
             os.kill(a.proc.pid, sig)
         if wait and sig in (signal.SIGKILL, signal.SIGTERM):
             a.proc.wait(timeout=10)
+
+    async def stop_agent(
+        self, agent_id: str, sig: signal.Signals = signal.SIGTERM, timeout_s: float = 30.0
+    ) -> int | None:
+        """Signal `agent_id` and wait (without blocking the loop) for it to exit.
+
+        Returns the exit code (negative: killed by that signal), None if it was not
+        running; raises TimeoutError if it is still running after `timeout_s`.
+        """
+        a = self.agents[agent_id]
+        proc = a.proc
+        if proc is None:
+            return None
+        if proc.poll() is not None:
+            return proc.returncode
+        self.kill_agent(agent_id, sig, wait=False)
+        try:
+            return await asyncio.to_thread(proc.wait, timeout_s)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{agent_id} still running {timeout_s:g} s after {sig.name}") from None
 
     def pause_agent(self, agent_id: str) -> None:
         self.kill_agent(agent_id, signal.SIGSTOP, wait=False)
@@ -338,9 +486,11 @@ class LocalCluster:
             if a.proc is not None and a.proc.poll() is not None:
                 raise RuntimeError(f"agent {i} exited with {a.proc.returncode}:\n{self.log_of(i)[-3000:]}")
 
-    async def leader(self) -> str | None:
+    async def leader(self, agent_ids: Iterable[str] | None = None) -> str | None:
+        """The agent that says it leads with quorum, asking only `agent_ids` when given."""
+        ids = set(agent_ids) if agent_ids is not None else set(self.agents)
         for a in self.agents.values():
-            if not a.alive:
+            if not a.alive or a.id not in ids:
                 continue
             status, _, body = await self.get(a.id, "/v1/cluster")
             if status == 200 and body.get("is_leader") and body.get("has_quorum"):
@@ -348,10 +498,11 @@ class LocalCluster:
         return None
 
     async def wait_leader(self, timeout_s: float = 20.0, exclude: Iterable[str] = ()) -> str:
+        """A leader other than `exclude`; the excluded agents are not asked (they may be paused)."""
         excluded = set(exclude)
 
         async def find() -> str | None:
-            leader = await self.leader()
+            leader = await self.leader([i for i in self.agents if i not in excluded])
             return leader if leader and leader not in excluded else None
 
         result: str = await self.wait_for(find, timeout_s, "a leader")
