@@ -249,6 +249,7 @@ class Decision(Record):
     shed_fraction: float = 0.0
     panic: bool = False
     frozen: bool = False
+    panic_services: tuple[str, ...] = ()
     reasons: tuple[str, ...] = ()
     intent_seq: int = 0
     decided_at: float = 0.0
@@ -264,6 +265,7 @@ class Decision(Record):
             and self.features == other.features
             and self.shed_fraction == other.shed_fraction
             and self.panic == other.panic
+            and self.panic_services == other.panic_services
             and self.frozen == other.frozen
             and self.reasons == other.reasons
             and self.intent_seq == other.intent_seq
@@ -291,6 +293,7 @@ def decision_to_json(decision: Decision) -> dict[str, Any]:
         "committed_at_unix": decision.committed_at,
         "leader": decision.leader,
         "panic": decision.panic,
+        "panic_services": list(decision.panic_services),
         "frozen": decision.frozen,
         "shed_fraction": decision.shed_fraction,
         "services": {
@@ -322,6 +325,7 @@ def decision_from_json(data: Mapping[str, Any]) -> Decision:
         committed_at=float(data.get("committed_at_unix", 0.0)),
         leader=str(data.get("leader", "")),
         panic=bool(data.get("panic", False)),
+        panic_services=tuple(str(x) for x in data.get("panic_services", ())),
         frozen=bool(data.get("frozen", False)),
         shed_fraction=float(data.get("shed_fraction", 0.0)),
         services={

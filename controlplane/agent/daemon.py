@@ -76,24 +76,23 @@ def resolve_agent_id(settings: Settings, agent_id: str | None) -> str:
 
 
 def resolve_tokens(settings: Settings) -> Tokens:
+    """The bearer tokens, and the cluster secret checked too: every missing one at once."""
     auth = settings.model.auth
     problems = []
-    admin = read = None
-    for name, ref in (("admin_token", auth.admin_token), ("read_token", auth.read_token)):
+    values: dict[str, str | None] = {"admin_token": None, "read_token": None}
+    refs = [("admin_token", auth.admin_token), ("read_token", auth.read_token)]
+    if settings.model.backend.kind == "raft":
+        refs.append(("cluster.secret", settings.cluster.secret))
+    for name, ref in refs:
         if ref is None:
             continue
         try:
-            value = ref.resolve(f"auth.{name}")
+            values[name] = ref.resolve(name if "." in name else f"auth.{name}")
         except ConfigError as e:
             problems.extend(e.problems)
-            continue
-        if name == "admin_token":
-            admin = value
-        else:
-            read = value
     if problems:
         raise ConfigError(problems)
-    return Tokens(admin=admin, read=read)
+    return Tokens(admin=values["admin_token"], read=values["read_token"])
 
 
 def make_store(

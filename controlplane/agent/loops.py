@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from dataclasses import replace
 
 from controlplane.agent.node import Node
 from controlplane.consensus.base import ControlState
 from controlplane.decide import decide
-from controlplane.decide.verdicts import is_fresh
+from controlplane.decide.verdicts import is_fresh, quorum_for
 from controlplane.errors import Conflict, NotLeader, StoreError
 from controlplane.model import Decision, Observation, State
 from controlplane.probes import Prober
@@ -48,17 +49,27 @@ async def refresh_loop(node: Node, prober: Prober, period_s: float) -> None:
 
 
 def ready_to_decide(node: Node, state: ControlState) -> bool:
-    """The first decision waits for fresh observations from a majority of agents.
+    """The first decision waits until the observers have had their say on every pair.
 
-    Without this, a leader elected at bootstrap would publish base weights before any
-    observer had a chance to report that a region is down.
+    Without this, a leader elected at bootstrap would publish base weights for a region
+    whose backends are already down, before a quorum of observers could say so. Every
+    (service, region) needs fresh observations from a quorum of the live observers, and
+    those must be a majority of the agents. A pair nobody can judge does not block the
+    cluster forever: after `observation_ttl_s` (at least 10 s) the leader decides anyway.
     """
     if state.decision is not None:
         return True
     now = node.clock()
     policy = node.settings.policy
-    observers = {o.observer for o in state.observations.values() if is_fresh(o, policy, now)}
-    return len(observers) > len(node.settings.cluster.agents) // 2
+    fresh = [o for o in state.observations.values() if is_fresh(o, policy, now)]
+    observers = {o.observer for o in fresh}
+    if len(observers) <= len(node.settings.cluster.agents) // 2:
+        return False
+    judged = Counter((o.service, o.region) for o in fresh)
+    needed = quorum_for(policy, len(observers))
+    if all(judged[(s, r.name)] >= needed for s in policy.services for r in policy.regions_of(s)):
+        return True
+    return now - node.started_at > max(10.0, policy.observation_ttl_s)
 
 
 async def decide_once(node: Node, state: ControlState) -> Decision | None:

@@ -119,6 +119,7 @@ class DecisionOut(BaseModel):
     committed_at_unix: float
     leader: str
     panic: bool
+    panic_services: list[str]
     frozen: bool
     shed_fraction: float
     services: dict[str, dict[str, PlacementOut]]

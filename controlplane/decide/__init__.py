@@ -13,7 +13,8 @@ The order of the rules (DESIGN.md, "How a decision is made"):
    their share;
 3. operator intents win over automation: drain, failover, override, feature, freeze;
 4. safety: never fewer than `min_healthy_regions` serving, and if the verdicts would
-   leave too few, keep the last weights and flag panic instead;
+   leave too few, flag panic and serve the regions that failed in this incident as if
+   healthy (the probes are more likely wrong than every region at once);
 5. degradation ladder and shed fraction when capacity is short of demand;
 6. weights: lost shares move to the others by base share, within capacity caps.
 
@@ -219,26 +220,83 @@ def _apply_drains(
 
 
 def _panic_placements(
-    policy: Policy, service: str, pairs: dict[str, _Pair], prev: Mapping[str, Placement] | None
+    policy: Policy,
+    service: str,
+    pairs: dict[str, _Pair],
+    prev: Mapping[str, Placement] | None,
+    was_in_panic: bool,
+    drained: set[str],
+    alive: int,
+    now: float,
+    b: _Build,
 ) -> dict[str, Placement]:
-    """Keep the previous weights and states; only the verdict bookkeeping moves on."""
+    """Where traffic goes when the verdicts would leave too few regions serving.
+
+    Entering panic, every region that went down within the last `observation_ttl_s`
+    (the same incident: usually the probes, not the regions) serves again with its base
+    share, as Envoy's panic mode does; regions that were already down before the
+    incident, and drained ones, stay out. While in panic the weights stay as they are.
+    Doing this instead of keeping the last decision matters when regions fail a few
+    hundred milliseconds apart: the decisions in between would otherwise have piled every
+    service onto whichever region was judged down last.
+    """
+    why = (
+        f"panic: verdicts would leave {alive} of {len(pairs)} regions serving {service} "
+        f"(min_healthy_regions={policy.min_healthy_regions})"
+    )
+    if prev is not None and was_in_panic:
+        serving = [r for r in pairs if r in prev and prev[r].weight > 0]
+        b.reasons.append(why + f"; serving {', '.join(serving)} as if healthy")
+        return {
+            region: replace(
+                prev.get(region, Placement(weight=0, state=State.DOWN)),
+                verdict=pair.verdict,
+                verdict_since=pair.verdict_since,
+                serving_since=pair.serving_since,
+            )
+            for region, pair in pairs.items()
+        }
+    recent = now - policy.observation_ttl_s
+    keep = [
+        r
+        for r, pair in pairs.items()
+        if r not in drained and (pair.verdict != Verdict.DOWN or pair.verdict_since >= recent)
+    ]
+    keep = keep or [r for r in pairs if r not in drained] or list(pairs)
+    base = {r.name: r.base_weight[service] for r in policy.regions_of(service) if r.name in keep}
+    total = sum(base.values()) or 1.0
+    weights = to_weights({r: base.get(r, 0.0) / total for r in pairs}, {})
+    serving_now = ", ".join(r for r in keep if weights[r] > 0)
+    b.reasons.append(why + f"; serving {serving_now} as if healthy")
     out = {}
-    if prev is None:
-        regions = policy.regions_of(service)
-        base = {r.name: r.base_weight[service] for r in regions}
-        total = sum(base.values())
-        weights = to_weights({r: w / total for r, w in base.items()}, {})
-        prev = {r.name: Placement(weight=weights[r.name], state=State.HEALTHY) for r in regions}
     for region, pair in pairs.items():
-        kept = prev.get(region, Placement(weight=0, state=State.DOWN))
+        if region in drained:
+            state = State.DRAINED
+        elif region not in keep:
+            state = State.DOWN
+        else:
+            state = State.DEGRADED if pair.verdict == Verdict.SLOW else State.HEALTHY
         out[region] = Placement(
-            weight=kept.weight,
-            state=kept.state,
+            weight=weights[region],
+            state=state,
             verdict=pair.verdict,
             verdict_since=pair.verdict_since,
             serving_since=pair.serving_since,
-            ramp=kept.ramp,
+            ramp=1.0,
         )
+    return out
+
+
+def _drained_by_intents(standing: list[Intent], service: str) -> set[str]:
+    """Regions an operator took out of `service` (drains and failovers' sources)."""
+    out = set()
+    for i in standing:
+        if i.service not in (None, service):
+            continue
+        if i.kind == IntentKind.DRAIN and i.region:
+            out.add(i.region)
+        elif i.kind == IntentKind.FAILOVER and i.from_region:
+            out.add(i.from_region)
     return out
 
 
@@ -279,6 +337,7 @@ def decide(
     tracked: dict[str, dict[str, _Pair]] = {}
     preferred: dict[str, dict[str, float]] = {}
     panic: list[str] = []
+    alive_in_panic: dict[str, int] = {}
     for service in policy.services:
         prev_s = prev_services.get(service, {})
         pairs = {
@@ -298,10 +357,7 @@ def decide(
         alive = sum(1 for p in pairs.values() if p.by_verdict)
         if alive < min(policy.min_healthy_regions, len(pairs)):
             panic.append(service)
-            b.reasons.append(
-                f"panic: verdicts would leave {alive} of {len(pairs)} regions serving {service} "
-                f"(min_healthy_regions={policy.min_healthy_regions}); keeping the weights in force"
-            )
+            alive_in_panic[service] = alive
             continue
         preferred[service] = _apply_drains(policy, service, pairs, standing, b)
         for region, pair in pairs.items():
@@ -345,7 +401,18 @@ def decide(
     for service in policy.services:
         pairs = tracked[service]
         if service in panic:
-            services_out[service] = _panic_placements(policy, service, pairs, prev_services.get(service))
+            drained = _drained_by_intents(standing, service)
+            services_out[service] = _panic_placements(
+                policy,
+                service,
+                pairs,
+                prev_services.get(service),
+                previous is not None and service in previous.panic_services,
+                drained,
+                alive_in_panic[service],
+                now,
+                b,
+            )
             continue
         override = overrides.get(service)
         regions = policy.regions_of(service)
@@ -396,6 +463,7 @@ def decide(
         features=features,
         shed_fraction=degradation.shed_fraction,
         panic=bool(panic),
+        panic_services=tuple(panic),
         frozen=bool(freezes),
         reasons=tuple(b.reasons),
         intent_seq=seq,

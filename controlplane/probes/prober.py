@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
+from controlplane.errors import ControlplaneError
 from controlplane.model import Observation
 from controlplane.probes import checks
 from controlplane.probes.health import TargetHealth, is_slow, summarize
@@ -204,6 +205,11 @@ class Prober:
                 try:
                     async with asyncio.timeout(self._callback_timeout_s):
                         await self._on_change(changed)
+                except (ControlplaneError, TimeoutError) as e:
+                    # Expected while the store has no leader (an election, a partition).
+                    log.warning("cannot deliver %d change(s) yet: %s; will retry", len(changed), e)
+                    self._dirty.update(statuses)
+                    return False
                 except Exception:
                     log.exception("on_change failed; will retry %d change(s)", len(changed))
                     self._dirty.update(statuses)

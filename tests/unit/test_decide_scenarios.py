@@ -116,18 +116,35 @@ def test_flapping_region_restarts_the_hold(world: World) -> None:
     assert world.weights()["cn-east"] == 0
 
 
-def test_all_regions_down_keeps_the_last_decision(world: World) -> None:
+def test_all_regions_down_at_once_serves_them_all_by_base_weights(world: World) -> None:
+    # Regions fail a second apart: the decisions in between must not pile traffic onto
+    # the region judged down last.
     world.see("cn-east", up=False)
     world.step()
-    before = world.weights()
+    world.see("cn-south", up=False)
+    world.step()
+    assert world.weights() == {"cn-east": 0, "cn-south": 0, "cn-north": 100}
+    world.see("cn-north", up=False)
+    d = world.step()
+    assert d.panic
+    assert world.weights() == {"cn-east": 40, "cn-south": 33, "cn-north": 27}
+    assert set(world.states().values()) == {"healthy"}, "LBs must keep sending"
+    assert d.services["order"]["cn-south"].verdict == "down"
+    assert any(r.startswith("panic: verdicts would leave 0 of 3 regions serving order") for r in d.reasons)
+    assert world.step() is d, "stable while in panic"
+
+
+def test_panic_leaves_out_a_region_that_was_down_before_the_incident(world: World) -> None:
+    world.see("cn-east", up=False)
+    world.step()
+    before = world.settle(30)
+    assert before.services["order"]["cn-east"].weight == 0
     world.see("cn-south", up=False)
     world.see("cn-north", up=False)
     d = world.step()
     assert d.panic
-    assert world.weights() == before
-    assert world.states()["cn-south"] == "healthy", "panic keeps the serving states so LBs keep sending"
-    assert d.services["order"]["cn-south"].verdict == "down"
-    assert any(r.startswith("panic: verdicts would leave 0 of 3 regions serving order") for r in d.reasons)
+    assert world.weights() == {"cn-east": 0, "cn-south": 56, "cn-north": 44}
+    assert world.states()["cn-east"] == "down"
     world.see("cn-south", up=True)
     d = world.step()
     assert d.panic, "cn-south is in its recovery hold: still nothing to serve with"
@@ -136,16 +153,30 @@ def test_all_regions_down_keeps_the_last_decision(world: World) -> None:
     assert world.weights() == {"cn-east": 0, "cn-south": 100, "cn-north": 0}
 
 
+def test_panic_keeps_drained_regions_out(world: World) -> None:
+    world.intent(IntentKind.DRAIN, region="cn-north")
+    world.step()
+    world.see("cn-east", up=False)
+    world.see("cn-south", up=False)
+    world.see("cn-north", up=False)
+    d = world.step()
+    assert d.panic
+    assert world.weights() == {"cn-east": 55, "cn-south": 45, "cn-north": 0}
+    assert world.states()["cn-north"] == "drained"
+
+
 def test_min_healthy_regions_turns_a_second_loss_into_panic() -> None:
     w = World(make_policy(min_healthy_regions=2))
     w.step()
     w.see("cn-east", up=False)
     w.step()
+    w.settle(30)
     assert w.weights()["cn-east"] == 0
     before = w.weights()
     w.see("cn-south", up=False)
     d = w.step()
     assert d.panic and w.weights() == before
+    assert w.states() == {"cn-east": "down", "cn-south": "healthy", "cn-north": "healthy"}
 
 
 def test_drain_wins_over_a_healthy_verdict(world: World) -> None:
