@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -156,6 +158,143 @@ def demo(
 @main.group()
 def lb() -> None:
     """Load balancer adapters that follow the committed decision."""
+
+
+def _lb_options(f: Any) -> Any:
+    """Options both adapters share: where the agents are and how to report."""
+    options = [
+        click.option(
+            "--agent",
+            "agents",
+            multiple=True,
+            required=True,
+            envvar="CONTROLPLANE_AGENTS",
+            help="Agent base URL, e.g. http://10.0.0.1:8700; repeat for failover.",
+        ),
+        click.option(
+            "--service", "services", multiple=True, help="Only these services (default: all mapped)."
+        ),
+        click.option(
+            "--token", envvar="CONTROLPLANE_READ_TOKEN", help="Read token, when the agents need one."
+        ),
+        click.option(
+            "--wait", "wait_s", type=float, default=10.0, show_default=True, help="Long-poll seconds."
+        ),
+        click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), help="JSON status."),
+        click.option("--once", is_flag=True, help="Apply the current decision once; exit 1 if it failed."),
+        click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _run_adapter(main_coro: Any, source: str) -> None:
+    """Run an adapter until SIGTERM/SIGINT; its exit code (2 for a bad map or template)."""
+
+    async def with_signals() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        code: int = await main_coro(stop)
+        return code
+
+    try:
+        code = asyncio.run(with_signals())
+    except ConfigError as e:
+        fail_config(e, source)
+        return
+    sys.exit(code)
+
+
+@lb.command("haproxy")
+@_lb_options
+@click.option("--socket", "socket_path", required=True, type=click.Path(path_type=Path), help="Runtime API.")
+@click.option("--map", "map_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--reconcile-interval", "reconcile_s", type=float, default=5.0, show_default=True)
+def lb_haproxy(
+    agents: tuple[str, ...],
+    services: tuple[str, ...],
+    token: str | None,
+    wait_s: float,
+    status_file: Path | None,
+    once: bool,
+    log_level: str,
+    socket_path: Path,
+    map_path: Path,
+    reconcile_s: float,
+) -> None:
+    """Keep HAProxy's server weights and states on the decision (runtime API)."""
+    from controlplane.lb.haproxy import run_haproxy
+
+    setup_logging(log_level, "lb-haproxy")
+    _run_adapter(
+        lambda stop: run_haproxy(
+            list(agents),
+            socket_path,
+            map_path,
+            services,
+            reconcile_s=reconcile_s,
+            wait_s=wait_s,
+            status_path=status_file,
+            token=token,
+            once=once,
+            stop=stop,
+        ),
+        "lb haproxy",
+    )
+
+
+@lb.command("nginx")
+@_lb_options
+@click.option("--template", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--output", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--map", "map_path", required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--reload-cmd", required=True, help="e.g. 'nginx -s reload' (split like a shell, not run by one)."
+)
+@click.option(
+    "--test-cmd", help="e.g. 'nginx -t'; the output is restored and nginx not reloaded if it fails."
+)
+@click.option("--check-interval", "check_s", type=float, default=2.0, show_default=True)
+def lb_nginx(
+    agents: tuple[str, ...],
+    services: tuple[str, ...],
+    token: str | None,
+    wait_s: float,
+    status_file: Path | None,
+    once: bool,
+    log_level: str,
+    template: Path,
+    output: Path,
+    map_path: Path,
+    reload_cmd: str,
+    test_cmd: str | None,
+    check_s: float,
+) -> None:
+    """Render nginx upstream blocks from the decision, test, then reload."""
+    from controlplane.lb.nginx import run_nginx
+
+    setup_logging(log_level, "lb-nginx")
+    _run_adapter(
+        lambda stop: run_nginx(
+            list(agents),
+            template,
+            output,
+            map_path,
+            reload_cmd,
+            test_cmd,
+            services,
+            check_s=check_s,
+            wait_s=wait_s,
+            status_path=status_file,
+            token=token,
+            once=once,
+            stop=stop,
+        ),
+        "lb nginx",
+    )
 
 
 if __name__ == "__main__":

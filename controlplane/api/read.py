@@ -20,6 +20,7 @@ from controlplane.agent.node import Node
 from controlplane.api.common import NODE, error_response, json_response
 from controlplane.decide.verdicts import is_fresh
 from controlplane.errors import NotFound, Rejected
+from controlplane.lb import render
 from controlplane.model import Decision, decision_to_json, observation_to_json
 
 
@@ -241,8 +242,6 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
             "stale": node.stale_for_s() is not None,
         }
         return json_response(body, headers=headers)
-    from controlplane.lb import render  # type: ignore[import-not-found,unused-ignore]
-
     addresses = service_addresses(node, service)
     if fmt == "envoy":
         return json_response(render.envoy_cla(decision, service, addresses), headers=headers)
