@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane.etcdlocal import EtcdUnavailable, LocalEtcd
 from controlplane.localcluster import LocalCluster, load_demo_config, remap_ports
 from controlplane.sim.loadbalancer import SimLoadBalancer
 
@@ -95,19 +96,46 @@ def print_timeline(
 
 
 async def run_demo(options: DemoOptions) -> int:
-    if options.backend != "raft":
-        print("controlplane demo: the etcd backend is not available in this build", file=sys.stderr)
-        return 2
     config = load_demo_config(options.config_path)
     if options.random_ports:
         config = remap_ports(config)
-    token = os.environ.get("CONTROLPLANE_ADMIN_TOKEN") or secrets.token_hex(16)
     out = Out()
+    async with contextlib.AsyncExitStack() as stack:
+        if options.backend == "etcd":
+            endpoints = options.etcd_endpoints
+            if not endpoints:
+                try:
+                    etcd = await stack.enter_async_context(LocalEtcd())
+                except EtcdUnavailable as e:
+                    print(f"controlplane demo --backend etcd: {e.message}\n  {e.detail}", file=sys.stderr)
+                    print(
+                        "  or point it at a running etcd: --etcd-endpoints http://HOST:2379", file=sys.stderr
+                    )
+                    return 2
+                endpoints = [etcd.endpoint]
+                out(f"started a local etcd at {etcd.endpoint} (data in {etcd.root})")
+            config["backend"] = {
+                "kind": "etcd",
+                # A prefix of its own, so a demo never touches another deployment's keys.
+                "etcd": {
+                    "endpoints": endpoints,
+                    "prefix": f"/controlplane-demo-{secrets.token_hex(4)}",
+                    "lease_ttl_s": 3,
+                },
+            }
+        return await _run(options, config, out)
+    return 1  # pragma: no cover - the exit stack does not swallow exceptions
+
+
+async def _run(options: DemoOptions, config: dict[str, Any], out: Out) -> int:
+    token = os.environ.get("CONTROLPLANE_ADMIN_TOKEN") or secrets.token_hex(16)
     async with LocalCluster(config, admin_token=token, workdir=options.log_dir) as cluster:
         agents = list(cluster.agents.values())
-        out("started 3 agents (real processes) and simulated backends for 3 regions x 3 services:")
+        backend = config.get("backend", {}).get("kind", "raft")
+        out(f"started 3 agents (real processes, {backend} backend) and simulated backends for 3 regions:")
         for a in agents:
-            out(f"  {a.id:<14} region {a.region:<9} http://{a.http}  raft {a.raft}")
+            where = f"raft {a.raft}" if backend == "raft" else "etcd"
+            out(f"  {a.id:<14} region {a.region:<9} http://{a.http}  {where}")
         ready = await cluster.wait_ready(60)
         out(f"cluster ready: leader {ready['leader']}, revision {ready['revision']}")
         out(f"  {SERVICE}: {weights_line(ready)}")

@@ -14,7 +14,6 @@ import os
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import cast
 
 import aiohttp
 from aiohttp import web
@@ -100,11 +99,9 @@ def make_store(
 ) -> ControlStore:
     backend = settings.model.backend
     if backend.kind == "etcd":
-        try:
-            from controlplane.consensus.etcd import EtcdStore  # type: ignore[import-not-found,unused-ignore]
-        except ImportError as e:
-            raise ConfigError([f"backend.kind: etcd backend unavailable ({e})"]) from e
-        return cast(ControlStore, EtcdStore.from_settings(settings, agent_id))
+        from controlplane.consensus.etcd import EtcdStore
+
+        return EtcdStore.from_settings(settings, agent_id)
     from controlplane.consensus.raft import RaftStore, RaftTimings
 
     secret = settings.cluster.secret.resolve("cluster.secret")
@@ -154,14 +151,13 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     except BaseException:
         await sup.shutdown()
         raise
-    log.info(
-        "agent %s (%s) serving http://%s, raft %s, data in %s",
-        agent_id,
-        me.region,
-        me.http,
-        me.raft,
-        data_dir,
+    backend = settings.model.backend
+    where = (
+        f"raft {me.raft}, data in {data_dir}"
+        if backend.kind == "raft"
+        else f"etcd {','.join(backend.etcd.endpoints) if backend.etcd else '?'}"
     )
+    log.info("agent %s (%s) serving http://%s, %s", agent_id, me.region, me.http, where)
     await sup.wait()
 
 
