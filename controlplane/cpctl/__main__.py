@@ -1,0 +1,5 @@
+"""`python -m controlplane.cpctl`, the same as the `cpctl` command."""
+
+from controlplane.cpctl import main
+
+main()
