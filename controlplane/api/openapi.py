@@ -98,6 +98,7 @@ def build() -> dict[str, Any]:
         s.PlacementOut,
         s.PlanBody,
         s.DeleteIntentBody,
+        s.IntentRemoved,
     ]
     components: dict[str, Any] = {}
     for model in models:
@@ -183,7 +184,7 @@ def build() -> dict[str, Any]:
                     {"name": "reason", "in": "query", "required": False, "schema": {"type": "string"}},
                 ],
                 "responses": {
-                    "200": {"description": "Removed", "content": {JSON: {"schema": {"type": "object"}}}},
+                    "200": _answer("Removed; revision is the decision without it", s.IntentRemoved),
                     "404": _answer("No such standing intent", s.ErrorOut),
                     **ERRORS,
                 },

@@ -104,7 +104,9 @@ def cluster_body(request: web.Request) -> dict[str, Any]:
         "cluster": node.settings.cluster.name,
         "agent": node.agent_id,
         "backend": status.backend,
-        "leader": status.leader,
+        # Without quorum this agent cannot know who leads now; say what it last knew.
+        "leader": status.leader if status.has_quorum else None,
+        "last_known_leader": status.leader,
         "is_leader": status.is_leader,
         "term": status.term,
         "commit_index": status.commit_index,

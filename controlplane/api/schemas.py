@@ -25,6 +25,8 @@ class _Body(BaseModel):
 
     reason: Reason
     who: Who | None = None
+    # Chosen by the client to make a retry safe: the same id commits once.
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")] | None = None
 
 
 class DrainBody(_Body):
@@ -135,6 +137,7 @@ class DecisionOut(BaseModel):
 
 class PlanOut(DecisionOut):
     changes: list[str]
+    refusals: list[str]
     committed: Literal[False]
 
 
@@ -173,6 +176,11 @@ class IntentAccepted(BaseModel):
     detail: str | None = None
 
 
+class IntentRemoved(BaseModel):
+    removed: IntentOut
+    revision: int | None
+
+
 class MemberOut(BaseModel):
     id: str
     address: str
@@ -186,6 +194,7 @@ class ClusterOut(BaseModel):
     agent: str
     backend: str
     leader: str | None
+    last_known_leader: str | None
     is_leader: bool
     term: int
     commit_index: int

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from controlplane.agent.node import Node
 from controlplane.api.auth import require_read, require_write
 from controlplane.api.common import NODE, json_response
 from controlplane.api.read import decision_body
@@ -32,7 +34,8 @@ from controlplane.api.schemas import (
     PlanBody,
     UndrainBody,
 )
-from controlplane.errors import Rejected
+from controlplane.consensus.base import ControlState
+from controlplane.errors import Rejected, Unsafe
 from controlplane.intents import apply_intent
 from controlplane.model import Intent, IntentKind, intent_to_json
 from controlplane.plan import changes, check_names, check_safe, plan
@@ -78,7 +81,7 @@ def to_intent(body: Any, who: str, now: float) -> Intent:
     elif isinstance(body, FeatureBody):
         fields = {"feature": body.name, "enabled": body.enabled}
     return Intent(
-        id=uuid.uuid4().hex[:16],
+        id=getattr(body, "id", None) or uuid.uuid4().hex[:16],
         kind=IntentKind(body.kind),
         reason=body.reason,
         who=who,
@@ -109,21 +112,33 @@ async def post_intent(request: web.Request) -> web.StreamResponse:
     policy = node.settings.policy
     check_names(policy, intent)
     state = node.state()
-    apply_intent(state.intents, intent)  # Rejected (nothing to undrain, ...) changes nothing
-    check_safe(policy, state, intent, now)
+    if not already_applied(state, intent.id):
+        apply_intent(state.intents, intent)  # Rejected (nothing to undrain, ...) changes nothing
+        check_safe(policy, state, intent, now)
     committed = await node.store.submit_intent(intent)
-    deadline = time.monotonic() + COMMIT_WAIT_S
-    revision = None
-    while time.monotonic() < deadline:
-        decision = node.state().decision
-        if decision is not None and decision.intent_seq >= committed.seq:
-            revision = decision.revision
-            break
-        await node.feed.wait_past(decision.revision if decision else -1, deadline - time.monotonic())
+    revision = await revision_carrying(node, committed.seq)
     body: dict[str, Any] = {"id": committed.id, "seq": committed.seq, "revision": revision}
     if revision is None:
         body["detail"] = "committed; the decision carrying it is not served here yet"
     return json_response(body, status=201 if revision is not None else 202)
+
+
+def already_applied(state: ControlState, intent_id: str) -> bool:
+    """A retry of an intent that was committed: the store returns the committed one."""
+    return intent_id in state.intents or any(e.intent_id == intent_id for e in state.history)
+
+
+async def revision_carrying(node: Node, seq: int) -> int | None:
+    """The first served revision that took intent `seq` into account (bounded wait)."""
+    deadline = time.monotonic() + COMMIT_WAIT_S
+    while True:
+        decision = node.state().decision
+        if decision is not None and decision.intent_seq >= seq:
+            return decision.revision
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        await node.feed.wait_past(decision.revision if decision else -1, remaining)
 
 
 async def delete_intent(request: web.Request) -> web.StreamResponse:
@@ -140,7 +155,8 @@ async def delete_intent(request: web.Request) -> web.StreamResponse:
     except ValidationError as e:
         raise validation_problem(e) from None
     removed = await node.store.delete_intent(intent_id, parsed.who or requester(request), parsed.reason)
-    return json_response({"removed": intent_to_json(removed)})
+    revision = await revision_carrying(node, node.state().intent_seq)
+    return json_response({"removed": intent_to_json(removed), "revision": revision})
 
 
 async def list_intents(request: web.Request) -> web.StreamResponse:
@@ -167,9 +183,22 @@ async def post_plan(request: web.Request) -> web.StreamResponse:
     for intent in intents:
         check_names(policy, intent)
     state = node.state()
+    refusals = []
+    so_far = state
+    for intent in intents:
+        # Each intent is judged as if the ones before it were committed.
+        try:
+            check_safe(policy, so_far, intent, now)
+        except Unsafe as e:
+            refusals.append(f"{intent.describe()}: {e.message}: {e.detail}")
+        seq = so_far.intent_seq + 1
+        so_far = replace(
+            so_far, intents=apply_intent(so_far.intents, replace(intent, seq=seq)), intent_seq=seq
+        )
     result = plan(policy, state, now, fail=parsed.fail, intents=intents)
     body = decision_body(request, result)
     body["changes"] = changes(state.decision, result)
+    body["refusals"] = refusals
     body["committed"] = False
     return json_response(body)
 

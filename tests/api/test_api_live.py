@@ -288,3 +288,47 @@ async def test_regions_and_cluster_describe_the_deployment(cluster: LocalCluster
     status, _, c = await cluster.get(agents[0], "/v1/cluster")
     assert status == 200 and c["has_quorum"] and c["leader"] in agents
     assert {m["id"] for m in c["members"]} == set(agents)
+
+
+async def test_a_retried_intent_with_the_same_id_commits_once(
+    cluster: LocalCluster, agents: list[str]
+) -> None:
+    body = {"kind": "feature", "name": "likes", "enabled": False, "reason": "retry", "id": "retry-test-0001"}
+    status, first = await cluster.post(agents[0], "/v1/intents", body)
+    assert status == 201, first
+    status, again = await cluster.post(agents[1], "/v1/intents", body)
+    assert status in (201, 202), again
+    assert again["id"] == first["id"] and again["seq"] == first["seq"]
+    undo = {
+        "kind": "feature",
+        "name": "likes",
+        "enabled": True,
+        "reason": "retry undo",
+        "id": "retry-test-0002",
+    }
+    assert (await cluster.post(agents[0], "/v1/intents", undo))[0] == 201
+    assert (await cluster.post(agents[0], "/v1/intents", undo))[0] in (201, 202)
+
+
+async def test_delete_answers_with_the_revision_without_the_intent(
+    cluster: LocalCluster, agents: list[str]
+) -> None:
+    status, body = await cluster.post(agents[0], "/v1/intents", {"kind": "freeze", "reason": "delete test"})
+    assert status == 201, body
+    async with cluster.session.delete(
+        f"{cluster.agents[agents[2]].url}/v1/intents/{body['id']}?reason=done",
+        headers={"Authorization": f"Bearer {cluster.admin_token}"},
+    ) as r:
+        removed = await r.json()
+        assert r.status == 200, removed
+    assert removed["removed"]["id"] == body["id"]
+    assert removed["revision"] > body["revision"]
+    d = await cluster.decision(agents[2])
+    assert d is not None and d["frozen"] is False
+
+
+async def test_plan_reports_what_would_be_refused(cluster: LocalCluster, agents: list[str]) -> None:
+    intents = [{"kind": "drain", "region": r, "reason": "plan"} for r in ("cn-east", "cn-south", "cn-north")]
+    status, body = await cluster.post(agents[0], "/v1/plan", {"intents": intents}, token=None)
+    assert status == 200, body
+    assert any("min_healthy_regions" in r for r in body["refusals"]), body["refusals"]
