@@ -12,6 +12,7 @@ forgot --yes gets a usage error at once instead of hanging on a prompt nobody se
 
 from __future__ import annotations
 
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -109,7 +110,9 @@ def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, d
         (render.make_console(stderr=True) if settings.json else out).print(render.plan(before, planned, what))
     if not yes:
         confirm(f"Commit {what}?")
-    accepted = client.post("/v1/intents", body)
+    # The id makes the write safe to resend: if an agent takes it and then does not
+    # answer, the next agent gets the same id and the intent still commits once.
+    accepted = client.post("/v1/intents", {**body, "id": secrets.token_hex(8)}, idempotent=True)
     answer = accepted.body
     seq = int(answer["seq"])
     served, in_force = wait_served(client, seq, answer.get("revision"))

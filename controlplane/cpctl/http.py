@@ -9,10 +9,10 @@ Reads are safe to repeat, so a read whose answer does not come (reset, read time
 or that an agent cannot serve (503: no decision yet, overloaded) is also retried on
 the next endpoint. An agent that has lost quorum still answers reads, with the last
 committed decision marked stale: cpctl then asks the other endpoints for a fresh one,
-and shows the stale answer (marked) only when no agent has better. A write is retried
-elsewhere only when it never left this machine: once the request is sent it may have
-been committed, and a second POST would commit a second intent (the agent assigns the
-id), so cpctl says so and stops instead.
+and shows the stale answer (marked) only when no agent has better. A new intent carries
+an id chosen here, so it is resent elsewhere like a read (the same id commits once).
+Other writes (removing an intent) are retried elsewhere only when they never left this
+machine: once sent they may have been committed, so cpctl says so and stops instead.
 
 Blocking stdlib `http.client`, not aiohttp: a CLI makes a handful of calls one after
 the other, and importing less makes every invocation start faster.
