@@ -4,8 +4,8 @@ The adapter runs as its own process and talks to HAProxy only through the runtim
 socket. HAProxy has no health checks and no redispatch here, and starts every server at
 the same weight, so whatever moves traffic is the adapter.
 
-To add once `cpctl` exists: a drain issued with `cpctl drain cn-east` moves the traffic
-through this load balancer too (same scenario, an intent instead of a fault).
+A drain issued with `cpctl` moving traffic through both load balancers is in
+`test_lb_cpctl.py`.
 """
 
 from __future__ import annotations

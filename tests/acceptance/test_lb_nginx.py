@@ -4,8 +4,8 @@ The adapter renders the `upstream order` block into nginx's configuration, tests
 with `nginx -t` and reloads. nginx does not retry another server here
 (`proxy_next_upstream off`, `max_fails=0`), so whatever moves traffic is the adapter.
 
-To add once `cpctl` exists: a drain issued with `cpctl drain cn-east` moves the traffic
-through this load balancer too (same scenario, an intent instead of a fault).
+A drain issued with `cpctl` moving traffic through both load balancers is in
+`test_lb_cpctl.py`.
 """
 
 from __future__ import annotations
