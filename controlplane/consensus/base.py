@@ -31,9 +31,11 @@ Guarantees every backend gives (the shared behaviour suite in
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping, Sequence
+import asyncio
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from controlplane.errors import StoreError
 from controlplane.model import Decision, Intent, Observation, Record
 
 # How much history every member keeps; older entries are dropped.
@@ -148,6 +150,51 @@ class ControlStore(abc.ABC):
         Raises `NotLeader` when this member does not lead in `decision.term`,
         `Conflict` when the revision is not the next one, `NoQuorum` on timeout.
         """
+
+
+class Changes:
+    """Wakes everyone waiting for the control state to change; a bounded number of them.
+
+    A backend publishes each new immutable `ControlState` and then calls `notify()` on
+    the event loop's thread; `wait()` implements `ControlStore.wait_for_change`. The
+    waiter takes the current event before reading the state, so a change published in
+    between still wakes it.
+    """
+
+    def __init__(self, max_waiters: int) -> None:
+        self.max_waiters = max_waiters
+        self._event = asyncio.Event()
+        self._waiters = 0
+
+    def notify(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(
+        self,
+        current: Callable[[], ControlState],
+        after_version: int,
+        timeout_s: float,
+        closed: Callable[[], bool],
+    ) -> ControlState:
+        state = current()
+        if state.version > after_version or timeout_s <= 0 or closed():
+            return state
+        if self._waiters >= self.max_waiters:
+            raise StoreError("too many waiters on the control state", f"limit is {self.max_waiters}")
+        self._waiters += 1
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    event = self._event
+                    state = current()
+                    if state.version > after_version or closed():
+                        return state
+                    await event.wait()
+        except TimeoutError:
+            return current()
+        finally:
+            self._waiters -= 1
 
 
 def history_add(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:

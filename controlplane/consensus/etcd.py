@@ -53,6 +53,7 @@ import orjson
 
 from controlplane.consensus.base import (
     HISTORY_LIMIT,
+    Changes,
     ControlState,
     ControlStore,
     HistoryEntry,
@@ -174,7 +175,6 @@ class EtcdStore(ControlStore):
         self.address = address
         self._configured = dict(members or {})
         self._max_in_flight = max_in_flight
-        self._max_waiters = max_waiters
 
         self._client = EtcdClient(
             self.endpoints, timeout_s=timeout_s, tls=tls, username=username, password=password
@@ -193,14 +193,13 @@ class EtcdStore(ControlStore):
         self._started = False
         self._closed = False
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._state_changed = asyncio.Event()
+        self._changes = Changes(max_waiters)
         self._revision_advanced = asyncio.Event()
         # One writer at a time per kind on this member, so it never loses a
         # compare-and-set to itself; members still race each other, boundedly.
         self._publishing = asyncio.Lock()
         self._intent_writing = asyncio.Lock()
         self._in_flight = 0
-        self._waiters = 0
 
     @classmethod
     def from_settings(cls, settings: Settings, agent_id: str) -> EtcdStore:
@@ -330,33 +329,15 @@ class EtcdStore(ControlStore):
         )
 
     async def wait_for_change(self, after_version: int, timeout_s: float) -> ControlState:
-        state = self._view.state
-        if state.version > after_version or timeout_s <= 0 or self._closed:
-            return state
-        if self._waiters >= self._max_waiters:
-            raise StoreError("too many waiters on the control state", f"limit is {self._max_waiters}")
-        self._waiters += 1
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    # Take the event before reading the state, so a change published in
-                    # between still wakes us.
-                    changed = self._state_changed
-                    state = self._view.state
-                    if state.version > after_version or self._closed:
-                        return state
-                    await changed.wait()
-        except TimeoutError:
-            return self._view.state
-        finally:
-            self._waiters -= 1
+        return await self._changes.wait(
+            lambda: self._view.state, after_version, timeout_s, lambda: self._closed
+        )
 
     def _wake(self, *, state: bool) -> None:
         advanced, self._revision_advanced = self._revision_advanced, asyncio.Event()
         advanced.set()
         if state:
-            changed, self._state_changed = self._state_changed, asyncio.Event()
-            changed.set()
+            self._changes.notify()
 
     async def _applied_here(self, revision: int) -> None:
         """Wait (at most `timeout_s`) until the watch has delivered `revision` here."""

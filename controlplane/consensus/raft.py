@@ -44,6 +44,7 @@ from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
 from pysyncobj.node import TCPNode
 
 from controlplane.consensus.base import (
+    Changes,
     ControlState,
     ControlStore,
     MemberStatus,
@@ -226,7 +227,6 @@ class RaftStore(ControlStore):
         self._dial = dict(dial or {})
         self._member_by_address = {address: mid for mid, address in self.members.items()}
         self._max_in_flight = max_in_flight
-        self._max_waiters = max_waiters
 
         self._obj: Any = None  # the pysyncobj.SyncObj, once started
         self._machine = ControlMachine(self._publish)
@@ -244,9 +244,8 @@ class RaftStore(ControlStore):
 
         # Event-loop side only.
         self._wake_scheduled = False
-        self._changed = asyncio.Event()
+        self._changes = Changes(max_waiters)
         self._in_flight: set[asyncio.Future[tuple[Any, int]]] = set()
-        self._waiters = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -400,26 +399,7 @@ class RaftStore(ControlStore):
         return self._status
 
     async def wait_for_change(self, after_version: int, timeout_s: float) -> ControlState:
-        state = self._state
-        if state.version > after_version or timeout_s <= 0 or self._closed:
-            return state
-        if self._waiters >= self._max_waiters:
-            raise StoreError("too many waiters on the control state", f"limit is {self._max_waiters}")
-        self._waiters += 1
-        try:
-            async with asyncio.timeout(timeout_s):
-                while True:
-                    # Take the event before reading the state so a change published in
-                    # between still wakes us.
-                    changed = self._changed
-                    state = self._state
-                    if state.version > after_version or self._closed:
-                        return state
-                    await changed.wait()
-        except TimeoutError:
-            return self._state
-        finally:
-            self._waiters -= 1
+        return await self._changes.wait(lambda: self._state, after_version, timeout_s, lambda: self._closed)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -523,8 +503,7 @@ class RaftStore(ControlStore):
     def _wake(self) -> None:
         # Clear the flag before waking so a publish racing with us schedules another.
         self._wake_scheduled = False
-        changed, self._changed = self._changed, asyncio.Event()
-        changed.set()
+        self._changes.notify()
 
     def _on_raft_state_changed(self, old: int, new: int) -> None:
         if new != _RAFT_LEADER:
