@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -257,6 +257,10 @@ class Decision(Record):
     term: int = 0
     committed_at: float = 0.0
     leader: str = ""
+
+    def differs_only_in_reasons(self, other: Decision) -> bool:
+        """Same weights, states, features and all, but other words for them."""
+        return self.reasons != other.reasons and self.same_outcome(replace(other, reasons=self.reasons))
 
     def same_outcome(self, other: Decision) -> bool:
         """True when nothing a reader acts on or is told differs (ignores stamps)."""

@@ -37,6 +37,8 @@ class Node:
     started_at: float = field(default_factory=time.time)
     feed: RevisionFeed = field(init=False)
     watchers: int = 0
+    # (revision, JSON body, SSE event) of the served decision, shared by every reader.
+    encoded: tuple[int, bytes, bytes] | None = None
 
     def __post_init__(self) -> None:
         self.feed = RevisionFeed(self.store)

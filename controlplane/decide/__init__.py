@@ -43,7 +43,10 @@ from controlplane.model import (
     Verdict,
 )
 
-__all__ = ["decide", "judge"]
+__all__ = ["REASONS_ONLY_INTERVAL_S", "decide", "judge"]
+
+# A change to the reasons alone commits at most this often.
+REASONS_ONLY_INTERVAL_S = 5.0
 
 
 @dataclass(slots=True)
@@ -471,6 +474,15 @@ def decide(
         next_review_at=min(b.review_at) if b.review_at else None,
     )
     if previous is not None and candidate.same_outcome(previous):
+        return previous
+    if (
+        previous is not None
+        and candidate.differs_only_in_reasons(previous)
+        and now - previous.decided_at < REASONS_ONLY_INTERVAL_S
+    ):
+        # Nobody acts on reasons alone; a new revision for each (an observer's count
+        # flickering) would wake every watcher again and again (bench.watch saw that
+        # loop under load). Such changes wait a few seconds and go out together.
         return previous
     if previous is not None:
         candidate = replace(

@@ -40,9 +40,14 @@ def test_one_region_down_moves_its_share_to_the_others_by_capacity(world: World)
 
 def test_a_single_observer_cannot_take_a_region_out(world: World) -> None:
     world.see("cn-east", up=False, by=["agent-north-1"])
+    first = world.decision
     d = world.step()
+    assert d is first, "words alone do not make a new revision at once"
     assert world.weights()["cn-east"] == 40
     assert world.states()["cn-east"] == "healthy"
+    d = world.step(5)
+    assert d.revision == 2, "the reasons go out a few seconds later"
+    assert world.weights()["cn-east"] == 40
     assert "cn-east/order: 1 of 3 observers report connect timeout, quorum is 2: not down" in d.reasons
 
 
@@ -365,6 +370,6 @@ def test_an_early_lone_reporter_is_not_a_quorum(world: World) -> None:
     for observer in ("agent-east-1", "agent-south-1"):
         del world.seen[(observer, "cn-east", "order")]
     world.see("cn-east", up=False, by=["agent-north-1"])
-    d = world.step()
+    d = world.step(5)
     assert world.weights()["cn-east"] == 40
     assert "cn-east/order: 1 of 3 observers report connect timeout, quorum is 2: not down" in d.reasons
