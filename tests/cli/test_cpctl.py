@@ -517,6 +517,11 @@ def test_a_stale_agent_is_passed_over_for_one_with_quorum(restored: Live) -> Non
         while not live.decision(isolated)["stale"]:
             assert time.monotonic() < deadline, f"{isolated} never said it lost quorum"
             time.sleep(0.2)
+        # If the isolated agent led, the other two need an election before one has quorum.
+        others = [i for i in live.ids if i != isolated]
+        while all(live.decision(i)["stale"] for i in others):
+            assert time.monotonic() < deadline, f"none of {others} regained quorum"
+            time.sleep(0.2)
 
         body = live.cpctl_json("status")
         assert body["decision"]["served_by"] != isolated
