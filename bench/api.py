@@ -28,22 +28,19 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    MissingBinary,
     Processes,
     ProcStats,
     add_common_args,
     agent_env,
     bench_config,
     cpu_percent,
+    execute,
     loadavg,
     machine,
     print_table,
     ratio,
     require_binary,
-    temp_workdir,
-    wait_for_quiet,
     wait_port,
-    write_json,
 )
 from controlplane.localcluster import LocalCluster, free_port
 
@@ -282,13 +279,7 @@ def main() -> None:
     )
     add_common_args(ap)
     args = ap.parse_args()
-    args.quiet_wait = wait_for_quiet(args.max_load, args.wait_quiet) if args.wait_quiet > 0 else None
-    with temp_workdir("api") as workdir:
-        try:
-            result = asyncio.run(run(args, workdir))
-        except MissingBinary as e:
-            raise SystemExit(str(e)) from None
-    write_json(args.json, result)
+    execute("api", args, run)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Everything a benchmark starts listens on 127.0.0.1 only.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import datetime as dt
@@ -27,7 +28,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,3 +424,18 @@ def add_common_args(ap: Any) -> None:
         help="first wait up to this long for the 1-minute load average to drop below --max-load",
     )
     ap.add_argument("--max-load", type=float, default=1.5)
+
+
+def execute(
+    name: str,
+    args: argparse.Namespace,
+    run: Callable[[argparse.Namespace, Path], Coroutine[Any, Any, Mapping[str, Any]]],
+) -> None:
+    """Every benchmark's main: wait for a quiet machine if asked, run in a temp dir, write JSON."""
+    args.quiet_wait = wait_for_quiet(args.max_load, args.wait_quiet) if args.wait_quiet > 0 else None
+    with temp_workdir(name) as workdir:
+        try:
+            result: Mapping[str, Any] = asyncio.run(run(args, workdir))
+        except MissingBinary as e:
+            raise SystemExit(str(e)) from None
+    write_json(args.json, result)

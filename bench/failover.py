@@ -48,18 +48,15 @@ from typing import Any
 import aiohttp
 
 from bench.common import (
-    MissingBinary,
     Processes,
     add_common_args,
     bench_config,
+    execute,
     loadavg,
     machine,
     percentiles,
     print_table,
     ratio,
-    temp_workdir,
-    wait_for_quiet,
-    write_json,
 )
 from bench.peers import FAULTS, HEALED, SERVER_NAMES, HaproxyPeer, SentinelPeer
 from controlplane.localcluster import LocalCluster
@@ -479,13 +476,7 @@ def main() -> None:
     ap.add_argument("--peers", default="sentinel,haproxy", help="comma-separated: sentinel, haproxy, or none")
     add_common_args(ap)
     args = ap.parse_args()
-    args.quiet_wait = wait_for_quiet(args.max_load, args.wait_quiet) if args.wait_quiet > 0 else None
-    with temp_workdir("failover") as workdir:
-        try:
-            result = asyncio.run(run(args, workdir))
-        except MissingBinary as e:
-            raise SystemExit(str(e)) from None
-    write_json(args.json, result)
+    execute("failover", args, run)
 
 
 if __name__ == "__main__":

@@ -38,16 +38,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    MissingBinary,
     ProcStats,
     add_common_args,
     bench_config,
+    execute,
     loadavg,
     machine,
     print_table,
-    temp_workdir,
-    wait_for_quiet,
-    write_json,
 )
 from controlplane.localcluster import LocalCluster
 
@@ -369,13 +366,7 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=60.0, help="capped at half the run")
     add_common_args(ap)
     args = ap.parse_args()
-    args.quiet_wait = wait_for_quiet(args.max_load, args.wait_quiet) if args.wait_quiet > 0 else None
-    with temp_workdir("soak") as workdir:
-        try:
-            result = asyncio.run(run(args, workdir))
-        except MissingBinary as e:
-            raise SystemExit(str(e)) from None
-    write_json(args.json, result)
+    execute("soak", args, run)
 
 
 if __name__ == "__main__":

@@ -45,20 +45,17 @@ from typing import Any
 import aiohttp
 
 from bench.common import (
-    MissingBinary,
     ProcStats,
     add_common_args,
     agent_env,
     bench_config,
     cpu_percent,
+    execute,
     loadavg,
     machine,
     percentiles,
     print_table,
     raise_nofile,
-    temp_workdir,
-    wait_for_quiet,
-    write_json,
 )
 from controlplane.localcluster import LocalCluster
 
@@ -503,13 +500,7 @@ def main() -> None:
     )
     add_common_args(ap)
     args = ap.parse_args()
-    args.quiet_wait = wait_for_quiet(args.max_load, args.wait_quiet) if args.wait_quiet > 0 else None
-    with temp_workdir("watch") as workdir:
-        try:
-            result = asyncio.run(run(args, workdir))
-        except MissingBinary as e:
-            raise SystemExit(str(e)) from None
-    write_json(args.json, result)
+    execute("watch", args, run)
 
 
 if __name__ == "__main__":
