@@ -277,10 +277,6 @@ class Decision(Record):
         )
 
 
-def weights_of(decision: Decision, service: str) -> dict[str, int]:
-    return {region: p.weight for region, p in decision.services[service].items()}
-
-
 # ---------------------------------------------------------------------------
 # JSON shapes (DESIGN.md "Shapes"): the API, the stores and the CLI share these.
 
