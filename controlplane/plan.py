@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 
-from controlplane.consensus.base import ControlState
 from controlplane.decide import decide
 from controlplane.decide.verdicts import is_fresh
 from controlplane.errors import NotFound, Rejected, Unsafe
 from controlplane.intents import apply_intent
 from controlplane.model import Decision, Intent, IntentKind, Observation, Policy, State
+from controlplane.state import ControlState
 
 
 def check_names(policy: Policy, intent: Intent) -> None:

@@ -16,12 +16,12 @@ from collections import Counter
 from dataclasses import replace
 
 from controlplane.agent.node import Node
-from controlplane.consensus.base import ControlState
 from controlplane.decide import decide
 from controlplane.decide.verdicts import is_fresh, quorum_for
 from controlplane.errors import Conflict, NotLeader, StoreError
 from controlplane.model import Decision, Observation, State
 from controlplane.probes import Prober
+from controlplane.state import ControlState
 
 log = logging.getLogger(__name__)
 

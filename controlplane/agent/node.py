@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 
 from controlplane.agent.feed import RevisionFeed
 from controlplane.config import Settings
-from controlplane.consensus.base import ControlState, ControlStore, StoreStatus
+from controlplane.consensus.base import ControlStore
 from controlplane.errors import Overloaded
 from controlplane.metrics import Metrics
+from controlplane.state import ControlState, StoreStatus
 
 
 @dataclass(frozen=True, slots=True)

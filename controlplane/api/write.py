@@ -34,11 +34,11 @@ from controlplane.api.schemas import (
     PlanBody,
     UndrainBody,
 )
-from controlplane.consensus.base import ControlState
 from controlplane.errors import Rejected, Unsafe
 from controlplane.intents import apply_intent
 from controlplane.model import Intent, IntentKind, intent_to_json
 from controlplane.plan import changes, check_names, check_safe, plan
+from controlplane.state import ControlState
 
 COMMIT_WAIT_S = 5.0
 

@@ -32,72 +32,11 @@ from __future__ import annotations
 
 import abc
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 from controlplane.errors import StoreError
-from controlplane.model import Decision, Intent, Observation, Record
-
-# How much history every member keeps; older entries are dropped.
-HISTORY_LIMIT = 1000
-
-ObservationKey = tuple[str, str, str]  # (observer, region, service)
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryEntry(Record):
-    """One line of the audit trail: a committed decision, intent or intent removal."""
-
-    kind: str  # "decision" | "intent" | "intent-removed"
-    at: float
-    revision: int
-    summary: str
-    intent_id: str | None = None
-    who: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ControlState:
-    """An immutable snapshot of the replicated state as this member has applied it.
-
-    `version` grows with every applied change (the Raft commit index, or the etcd
-    store revision) and is what `wait_for_change` compares against.
-    """
-
-    version: int = 0
-    decision: Decision | None = None
-    intents: Mapping[str, Intent] = field(default_factory=dict)
-    intent_seq: int = 0
-    observations: Mapping[ObservationKey, Observation] = field(default_factory=dict)
-    history: tuple[HistoryEntry, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class MemberStatus:
-    id: str
-    address: str
-    connected: bool
-
-
-@dataclass(frozen=True, slots=True)
-class StoreStatus:
-    """What this member knows about the consensus group right now.
-
-    `has_quorum` is this member's own belief that it is in contact with a majority
-    (a leader: a majority acknowledged it recently; a follower: it heard from a
-    leader recently). `quorum_lost_at` is the wall time it last lost that belief, or
-    None while it has it; the API reports staleness from it.
-    """
-
-    member_id: str
-    leader: str | None
-    is_leader: bool
-    term: int
-    commit_index: int
-    members: tuple[MemberStatus, ...]
-    has_quorum: bool
-    quorum_lost_at: float | None = None
-    backend: str = ""
+from controlplane.model import Decision, Intent, Observation
+from controlplane.state import ControlState, StoreStatus
 
 
 class ControlStore(abc.ABC):
@@ -195,24 +134,3 @@ class Changes:
             return current()
         finally:
             self._waiters -= 1
-
-
-def history_add(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
-    """Append to a history tuple, keeping only the newest `HISTORY_LIMIT` entries."""
-    if len(history) >= HISTORY_LIMIT:
-        history = history[len(history) - HISTORY_LIMIT + 1 :]
-    return (*history, entry)
-
-
-def observations_replace(
-    current: Mapping[ObservationKey, Observation],
-    observer: str,
-    observations: Sequence[Observation],
-) -> dict[ObservationKey, Observation]:
-    """The observation map after `observer` published `observations`."""
-    out = dict(current)
-    for o in observations:
-        if o.observer != observer:
-            continue
-        out[(o.observer, o.region, o.service)] = o
-    return out

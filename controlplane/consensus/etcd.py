@@ -51,15 +51,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import orjson
 
-from controlplane.consensus.base import (
-    HISTORY_LIMIT,
-    Changes,
-    ControlState,
-    ControlStore,
-    HistoryEntry,
-    MemberStatus,
-    StoreStatus,
-)
+from controlplane import transitions
+from controlplane.consensus.base import Changes, ControlStore
 from controlplane.consensus.etcd_client import (
     EtcdClient,
     EtcdTls,
@@ -80,7 +73,6 @@ from controlplane.consensus.etcd_view import (
     EtcdView,
     IntentsRead,
     Layout,
-    decision_summary,
     decode_observations,
     encode_decision,
     encode_history,
@@ -89,8 +81,8 @@ from controlplane.consensus.etcd_view import (
     intents_read_from,
 )
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
-from controlplane.intents import apply_intent, remove_intent
-from controlplane.model import Decision, Intent, Observation
+from controlplane.model import Decision, Intent, Observation, decision_from_json
+from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, MemberStatus, StoreStatus
 
 if TYPE_CHECKING:
     from controlplane.config import Settings
@@ -464,41 +456,23 @@ class EtcdStore(ControlStore):
 
     async def submit_intent(self, intent: Intent) -> Intent:
         def plan(read: IntentsRead) -> Intent | _IntentChange:
-            known = read.known(intent.id)
-            if known is not None:
-                return known  # applied before (a retry): applied once
-            committed = dataclasses.replace(intent, seq=read.seq + 1)
-            standing = apply_intent(read.intents, committed)
+            change = transitions.submit_intent(read.as_state(), intent, time.time())
+            if change.entry is None:
+                return change.result  # applied before (a retry): applied once
+            committed, standing = change.result, change.state.intents
             ops = [delete(self.layout.intent(i)) for i in read.intents if i not in standing]
             if committed.id in standing:
                 ops.append(put(self.layout.intent(committed.id), encode_intent(committed)))
-            entry = HistoryEntry(
-                kind="intent",
-                at=time.time(),
-                revision=read.decision_revision,
-                summary=committed.describe(),
-                intent_id=committed.id,
-                who=committed.who,
-            )
-            return _IntentChange(committed, ops, entry, logged=committed)
+            return _IntentChange(committed, ops, change.entry, logged=committed)
 
         return await self._write(lambda: self._change_intents(plan))
 
     async def delete_intent(self, intent_id: str, who: str, reason: str) -> Intent:
         def plan(read: IntentsRead) -> _IntentChange:
-            remove_intent(read.intents, intent_id)  # NotFound when it does not stand
-            removed = read.intents[intent_id]
-            entry = HistoryEntry(
-                kind="intent-removed",
-                at=time.time(),
-                revision=read.decision_revision,
-                summary=f"{removed.describe()} removed by {who} ({reason})",
-                intent_id=intent_id,
-                who=who,
-            )
-            # A removal takes a sequence number too: the next decision carries it, so a
-            # writer can see that its removal took effect.
-            return _IntentChange(removed, [delete(self.layout.intent(intent_id))], entry, logged=None)
+            change = transitions.delete_intent(read.as_state(), intent_id, who, reason, time.time())
+            assert change.entry is not None  # a removal always changes the state
+            ops = [delete(self.layout.intent(intent_id))]
+            return _IntentChange(change.result, ops, change.entry, logged=None)
 
         return await self._write(lambda: self._change_intents(plan))
 
@@ -555,12 +529,12 @@ class EtcdStore(ControlStore):
         return self._intents_read_from(result)
 
     def _intents_read_from(self, result: TxnResult) -> IntentsRead:
-        intents, seq, history, decision = result.ranges
-        decision_revision = self._view.intents_read().decision_revision
-        if decision:
+        intents, seq, history, decision_kvs = result.ranges
+        decision = self._view.intents_read().decision
+        if decision_kvs:
             with contextlib.suppress(ValueError, KeyError, TypeError):
-                decision_revision = int(orjson.loads(decision[0].value)["revision"])
-        return intents_read_from(intents, seq, history, decision_revision)
+                decision = decision_from_json(orjson.loads(decision_kvs[0].value))
+        return intents_read_from(intents, seq, history, decision)
 
     async def commit_decision(self, decision: Decision) -> Decision:
         # Local check first: it saves a round trip, it is not what keeps a deposed leader
@@ -580,13 +554,8 @@ class EtcdStore(ControlStore):
             keys = self.layout
             previous = str(decision.revision - 1).encode()
             first = self._view.state.decision is None
-            entry = HistoryEntry(
-                kind="decision",
-                at=decision.committed_at,
-                revision=decision.revision,
-                summary=decision_summary(decision),
-                who=decision.leader or None,
-            )
+            # etcd's transaction below is the compare-and-set; the entry is the shared one.
+            entry = transitions.decision_entry(decision)
             success = [
                 put(keys.decision, encode_decision(decision)),
                 put(keys.decision_revision, str(decision.revision).encode()),

@@ -45,6 +45,7 @@ compared on one member.)
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -54,7 +55,6 @@ from typing import Any
 
 import orjson
 
-from controlplane.consensus.base import HISTORY_LIMIT, ControlState, HistoryEntry, ObservationKey
 from controlplane.consensus.etcd_client import KeyValue, WatchBatch
 from controlplane.model import (
     Decision,
@@ -67,10 +67,9 @@ from controlplane.model import (
     observation_from_json,
     observation_to_json,
 )
+from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, ObservationKey
 
 log = logging.getLogger(__name__)
-
-_SUMMARY_MAX_CHARS = 400
 
 
 def _quote(part: str) -> bytes:
@@ -122,14 +121,6 @@ class Layout:
 
 def dumps(value: Any) -> bytes:
     return orjson.dumps(value)
-
-
-def decision_summary(decision: Decision) -> str:
-    """The history line of a decision (the same words as the Raft backend's)."""
-    text = "; ".join(decision.reasons) if decision.reasons else f"revision {decision.revision}"
-    if len(text) > _SUMMARY_MAX_CHARS:
-        text = text[: _SUMMARY_MAX_CHARS - 3] + "..."
-    return text
 
 
 def encode_decision(decision: Decision) -> bytes:
@@ -198,17 +189,23 @@ class IntentsRead:
     seq_mod_revision: int  # 0 when the counter does not exist yet
     intents: Mapping[str, Intent]
     applied: Mapping[str, Intent]  # intents applied within the history window, by id
-    decision_revision: int
+    decision: Decision | None
 
-    def known(self, intent_id: str) -> Intent | None:
-        return self.intents.get(intent_id) or self.applied.get(intent_id)
+    def as_state(self) -> ControlState:
+        """The part of the control state an intent command reads (`controlplane.transitions`)."""
+        return ControlState(
+            decision=self.decision,
+            intents=self.intents,
+            intent_seq=self.seq,
+            recent_intents=self.applied,
+        )
 
 
 def intents_read_from(
     intent_kvs: Iterable[KeyValue],
     seq_kvs: Iterable[KeyValue],
     history_kvs: Iterable[KeyValue],
-    decision_revision: int,
+    decision: Decision | None,
 ) -> IntentsRead:
     """An `IntentsRead` from fresh range results (undecodable keys are skipped)."""
     intents: dict[str, Intent] = {}
@@ -226,7 +223,7 @@ def intents_read_from(
         decoded = _decode_or_none(kv, decode_history)
         if decoded is not None and decoded[1] is not None:
             applied[decoded[1].id] = decoded[1]
-    return IntentsRead(seq, seq_mod, intents, applied, decision_revision)
+    return IntentsRead(seq, seq_mod, intents, applied, decision)
 
 
 _warned: set[bytes] = set()
@@ -321,13 +318,8 @@ class EtcdView:
 
     def intents_read(self) -> IntentsRead:
         a = self._areas
-        decision_revision = a.decision.revision if a.decision is not None else 0
         return IntentsRead(
-            a.intent_seq,
-            a.intent_seq_mod,
-            dict(self.state.intents),
-            dict(a.applied),
-            decision_revision,
+            a.intent_seq, a.intent_seq_mod, dict(self.state.intents), dict(a.applied), a.decision
         )
 
     # -- changes -------------------------------------------------------------------------
@@ -500,18 +492,12 @@ class EtcdView:
             intent_seq=a.intent_seq,
             observations=observations,
             history=history,
+            recent_intents=MappingProxyType(dict(a.applied)),
         )
 
 
 def _with_version(state: ControlState, version: int) -> ControlState:
-    return ControlState(
-        version=version,
-        decision=state.decision,
-        intents=state.intents,
-        intent_seq=state.intent_seq,
-        observations=state.observations,
-        history=state.history,
-    )
+    return dataclasses.replace(state, version=version)
 
 
 def _same_content(a: ControlState, b: ControlState) -> bool:

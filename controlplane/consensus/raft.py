@@ -43,17 +43,12 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
 from pysyncobj.node import TCPNode
 
-from controlplane.consensus.base import (
-    Changes,
-    ControlState,
-    ControlStore,
-    MemberStatus,
-    StoreStatus,
-)
+from controlplane.consensus.base import Changes, ControlStore
 from controlplane.consensus.raft_machine import ControlMachine
 from controlplane.consensus.raft_transport import DialNode, HeardTransport, split_address
 from controlplane.errors import ConfigError, ControlplaneError, NoQuorum, NotLeader, StoreError
 from controlplane.model import Decision, Intent, Observation
+from controlplane.state import ControlState, MemberStatus, StoreStatus
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,6 @@ consumer is complete before its `SyncObj` exists.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 from collections.abc import Callable, Sequence
@@ -40,26 +39,12 @@ from typing import Any, TypeVar
 
 from pysyncobj import SyncObjConsumer, replicated
 
-from controlplane.consensus.base import (
-    HISTORY_LIMIT,
-    ControlState,
-    HistoryEntry,
-    ObservationKey,
-    history_add,
-    observations_replace,
-)
+from controlplane import transitions
 from controlplane.errors import Conflict, ControlplaneError, NotLeader, Rejected, StoreError
-from controlplane.intents import apply_intent, remove_intent
 from controlplane.model import Decision, Intent, Observation
+from controlplane.state import ControlState, HistoryEntry, ObservationKey
 
 log = logging.getLogger(__name__)
-
-# How many applied intent ids a member remembers for idempotent resubmission. Standing
-# intents are always remembered; this window covers undrains, unfreezes and replaced or
-# removed intents.
-INTENT_DEDUP_LIMIT = HISTORY_LIMIT
-
-_SUMMARY_MAX_CHARS = 400
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -122,6 +107,7 @@ class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no
             intent_seq=self.intent_seq,
             observations=MappingProxyType(self.observations),
             history=self.history,
+            recent_intents=MappingProxyType(self.recent_intents),
         )
 
     def _deserialize(self, data: Any) -> None:
@@ -140,120 +126,66 @@ class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no
         self.version += 1
         self._publish()
 
-    def _revision(self) -> int:
-        return self.decision.revision if self.decision is not None else 0
-
     # -- replicated commands -------------------------------------------------------------
+
+    def _current(self) -> ControlState:
+        return ControlState(
+            decision=self.decision,
+            intents=self.intents,
+            intent_seq=self.intent_seq,
+            observations=self.observations,
+            history=self.history,
+            recent_intents=self.recent_intents,
+        )
+
+    def _take(self, state: ControlState) -> None:
+        self.decision = state.decision
+        self.intents = dict(state.intents)
+        self.intent_seq = state.intent_seq
+        self.observations = dict(state.observations)
+        self.history = state.history
+        self.recent_intents = dict(state.recent_intents)
+        self._changed()
 
     @_replicated
     @_never_raises
     def publish_observations(self, observer: str, observations: Sequence[Observation]) -> None:
-        self.observations = observations_replace(self.observations, observer, observations)
-        self._changed()
+        self._take(transitions.publish_observations(self._current(), observer, observations))
 
     @_replicated
     @_never_raises
     def submit_intent(self, intent: Intent, at: float) -> Intent | ControlplaneError:
-        known = self.intents.get(intent.id) or self.recent_intents.get(intent.id)
-        if known is not None:
-            return known
-        seq = self.intent_seq + 1
-        committed = dataclasses.replace(intent, seq=seq)
         try:
-            intents = apply_intent(self.intents, committed)
+            change = transitions.submit_intent(self._current(), intent, at)
         except Rejected as exc:
             return exc
-        self.intents = intents
-        self.intent_seq = seq
-        self._remember(committed)
-        self.history = history_add(
-            self.history,
-            HistoryEntry(
-                kind="intent",
-                at=at,
-                revision=self._revision(),
-                summary=committed.describe(),
-                intent_id=committed.id,
-                who=committed.who,
-            ),
-        )
-        self._changed()
-        return committed
+        if change.changed:
+            self._take(change.state)
+        return change.result
 
     @_replicated
     @_never_raises
     def delete_intent(self, intent_id: str, who: str, reason: str, at: float) -> Intent | ControlplaneError:
         try:
-            intents = remove_intent(self.intents, intent_id)
+            change = transitions.delete_intent(self._current(), intent_id, who, reason, at)
         except Rejected as exc:
             return exc
-        removed = self.intents[intent_id]
-        self.intents = intents
-        # A removal changes what the decision must reflect, so it takes a sequence number
-        # too: the next decision carries it and a writer can see its removal took effect.
-        self.intent_seq += 1
-        self.history = history_add(
-            self.history,
-            HistoryEntry(
-                kind="intent-removed",
-                at=at,
-                revision=self._revision(),
-                summary=f"{removed.describe()} removed by {who} ({reason})",
-                intent_id=intent_id,
-                who=who,
-            ),
-        )
-        self._changed()
-        return removed
+        self._take(change.state)
+        return change.result
 
     @_replicated
     @_never_raises
     def commit_decision(self, decision: Decision) -> Decision | ControlplaneError:
-        if decision.term < self.fence_term:
-            return NotLeader(
-                f"decision of term {decision.term} refused: term {self.fence_term} has begun",
-                leader=None,
-            )
-        current = self.decision
-        # The first decision may start at any revision; after that, exactly the next one.
-        acceptable = decision.revision >= 1 if current is None else decision.revision == current.revision + 1
-        if not acceptable:
-            return Conflict(
-                f"revision {decision.revision} is not the next revision",
-                f"committed revision is {self._revision()}",
-            )
-        self.decision = decision
+        try:
+            change = transitions.commit_decision(self._current(), decision, self.fence_term)
+        except (NotLeader, Conflict) as exc:
+            return exc
         self.fence_term = decision.term
-        self.history = history_add(
-            self.history,
-            HistoryEntry(
-                kind="decision",
-                at=decision.committed_at,
-                revision=decision.revision,
-                summary=_decision_summary(decision),
-                who=decision.leader or None,
-            ),
-        )
-        self._changed()
-        return decision
+        self._take(change.state)
+        return change.result
 
     @_replicated
     @_never_raises
     def claim_term(self, term: int) -> None:
         # Not part of ControlState, so `version` does not move: nothing a reader sees changed.
         self.fence_term = max(self.fence_term, term)
-
-    # -- helpers -------------------------------------------------------------------------
-
-    def _remember(self, intent: Intent) -> None:
-        # Insertion order is deterministic, so every member evicts the same ids.
-        self.recent_intents[intent.id] = intent
-        while len(self.recent_intents) > INTENT_DEDUP_LIMIT:
-            del self.recent_intents[next(iter(self.recent_intents))]
-
-
-def _decision_summary(decision: Decision) -> str:
-    text = "; ".join(decision.reasons) if decision.reasons else f"revision {decision.revision}"
-    if len(text) > _SUMMARY_MAX_CHARS:
-        text = text[: _SUMMARY_MAX_CHARS - 3] + "..."
-    return text

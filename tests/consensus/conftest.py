@@ -29,8 +29,9 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from controlplane.consensus import ControlState, ControlStore, EtcdStore, RaftStore, RaftTimings, StoreStatus
+from controlplane.consensus import ControlStore, EtcdStore, MemoryGroup, MemoryStore, RaftStore, RaftTimings
 from controlplane.etcdlocal import LocalEtcd
+from controlplane.state import ControlState, StoreStatus
 
 SECRET = "test-cluster-secret"
 LEADER_TIMEOUT_S = 10.0
@@ -115,7 +116,20 @@ class EtcdBackend:
         return EtcdStore(**settings)
 
 
+@dataclass
+class MemoryBackend:
+    """Members of one cluster are handles on one `MemoryGroup` (in this process)."""
+
+    name: str = "memory"
+    groups: dict[int, MemoryGroup] = field(default_factory=dict)
+
+    def make_store(self, cluster: Cluster, member_id: str, **options: Any) -> ControlStore:
+        group = self.groups.setdefault(id(cluster), MemoryGroup(cluster.member_ids))
+        return MemoryStore(member_id, group, **options)
+
+
 BACKENDS: dict[str, Callable[[pytest.FixtureRequest], Backend]] = {
+    "memory": lambda request: MemoryBackend(),
     "raft": lambda request: RaftBackend(),
     "etcd": lambda request: EtcdBackend(etcd=request.getfixturevalue("etcd_server")),
 }

@@ -12,9 +12,10 @@ import time
 
 import pytest
 
-from controlplane.consensus import HISTORY_LIMIT, ControlState, ControlStore, StoreStatus
+from controlplane.consensus import ControlStore
 from controlplane.errors import Conflict, NotFound, NotLeader, Rejected
 from controlplane.model import Decision, Intent, IntentKind, Observation, Placement, State
+from controlplane.state import HISTORY_LIMIT, ControlState, StoreStatus
 
 from .conftest import ClusterFactory, eventually
 

@@ -22,12 +22,13 @@ import pytest
 from aetcd import rpc
 
 from controlplane.config import parse_settings
-from controlplane.consensus import HISTORY_LIMIT, ControlState, EtcdStore, HistoryEntry, StoreStatus
+from controlplane.consensus import EtcdStore
 from controlplane.consensus.etcd_client import EtcdClient, EtcdTls, Event, KeyValue, WatchBatch, put
 from controlplane.consensus.etcd_view import EtcdView, Layout, encode_decision, encode_history, encode_intent
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, StoreError
 from controlplane.etcdlocal import DEBIAN_PACKAGE, EtcdUnavailable, LocalEtcd, LocalEtcdTls
 from controlplane.model import Decision, Observation
+from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, StoreStatus
 
 from .conftest import Cluster, ClusterFactory, EtcdBackend, eventually, free_port
 from .test_behaviour import drain, make_decision, seen

@@ -15,11 +15,12 @@ import time
 import pytest
 from pysyncobj import FAIL_REASON
 
-from controlplane.consensus import ControlState, RaftStore, RaftTimings
+from controlplane.consensus import RaftStore, RaftTimings
 from controlplane.consensus.raft import SNAPSHOT_FILE, write_failed
 from controlplane.consensus.raft_machine import ControlMachine
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
 from controlplane.model import Decision, Intent, Observation
+from controlplane.state import ControlState
 
 from .conftest import SECRET, Backend, ClusterFactory, RaftBackend, eventually, free_port
 from .test_behaviour import drain, make_decision, seen, undrain

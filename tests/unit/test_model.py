@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pickle
 
-from controlplane.consensus.base import HistoryEntry
 from controlplane.model import (
     Decision,
     Intent,
@@ -19,6 +18,7 @@ from controlplane.model import (
     intent_from_json,
     intent_to_json,
 )
+from controlplane.state import HistoryEntry
 
 DECISION = Decision(
     revision=7,

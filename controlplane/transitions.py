@@ -1,0 +1,169 @@
+"""What each replicated command does to the control state: one pure function per command.
+
+Every backend applies commands through these functions, so that an intent, a removal or
+a decision changes the state, and writes the history, in exactly the same words
+whichever backend holds it (the in-memory store, the embedded Raft, etcd). Each takes a
+`ControlState` and the command's arguments, and returns a `Change`: the state after the
+command, the history entry it adds (None when nothing changed), and what the caller is
+answered. A command the state refuses raises (`Rejected`, `NotFound`, `NotLeader`,
+`Conflict`) and changes nothing. No clock is read: times arrive as arguments, stamped by
+whoever wrote the command, so replaying a log gives the same state on every member.
+
+`version` is left as it is: what counts as one change is the backend's business.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from controlplane.errors import Conflict, NotLeader
+from controlplane.intents import apply_intent, remove_intent
+from controlplane.model import Decision, Intent, Observation
+from controlplane.state import (
+    HISTORY_LIMIT,
+    ControlState,
+    HistoryEntry,
+    history_add,
+    observations_replace,
+)
+
+SUMMARY_MAX_CHARS = 400
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Change(Generic[T]):
+    """A command's effect. `entry` is None when the command changed nothing."""
+
+    state: ControlState
+    entry: HistoryEntry | None
+    result: T
+
+    @property
+    def changed(self) -> bool:
+        return self.entry is not None
+
+
+def publish_observations(
+    state: ControlState, observer: str, observations: Sequence[Observation]
+) -> ControlState:
+    """`observer`'s latest view of the given pairs replaces its older one (others' are kept)."""
+    return dataclasses.replace(
+        state, observations=observations_replace(state.observations, observer, observations)
+    )
+
+
+def known_intent(state: ControlState, intent_id: str) -> Intent | None:
+    """The committed intent with this id, if it stands or was applied lately."""
+    return state.intents.get(intent_id) or state.recent_intents.get(intent_id)
+
+
+def submit_intent(state: ControlState, intent: Intent, at: float) -> Change[Intent]:
+    """Commit an operator intent with the next sequence number.
+
+    An id that was applied before (a retry) returns the committed intent and changes
+    nothing. Raises `Rejected` when the intent cannot apply (nothing to undrain).
+    """
+    known = known_intent(state, intent.id)
+    if known is not None:
+        return Change(state, None, known)
+    seq = state.intent_seq + 1
+    committed = dataclasses.replace(intent, seq=seq)
+    intents = apply_intent(state.intents, committed)
+    entry = HistoryEntry(
+        kind="intent",
+        at=at,
+        revision=state.revision,
+        summary=committed.describe(),
+        intent_id=committed.id,
+        who=committed.who,
+    )
+    after = dataclasses.replace(
+        state,
+        intents=intents,
+        intent_seq=seq,
+        history=history_add(state.history, entry),
+        recent_intents=remember(state.recent_intents, committed),
+    )
+    return Change(after, entry, committed)
+
+
+def delete_intent(state: ControlState, intent_id: str, who: str, reason: str, at: float) -> Change[Intent]:
+    """Remove one standing intent; `NotFound` when it does not stand.
+
+    A removal takes a sequence number too: the next decision carries it, so a writer can
+    see that the removal took effect.
+    """
+    intents = remove_intent(state.intents, intent_id)
+    removed = state.intents[intent_id]
+    entry = HistoryEntry(
+        kind="intent-removed",
+        at=at,
+        revision=state.revision,
+        summary=f"{removed.describe()} removed by {who} ({reason})",
+        intent_id=intent_id,
+        who=who,
+    )
+    after = dataclasses.replace(
+        state,
+        intents=intents,
+        intent_seq=state.intent_seq + 1,
+        history=history_add(state.history, entry),
+    )
+    return Change(after, entry, removed)
+
+
+def commit_decision(state: ControlState, decision: Decision, fence_term: int = 0) -> Change[Decision]:
+    """Compare-and-set the decision: exactly the next revision, from a leader not yet deposed.
+
+    `fence_term` is the highest term known to have begun; a decision stamped with an
+    older term comes from a deposed leader and is refused (`NotLeader`). The first
+    decision may start at any revision >= 1; after it, only the next one (`Conflict`).
+    """
+    if decision.term < fence_term:
+        raise NotLeader(f"decision of term {decision.term} refused: term {fence_term} has begun")
+    current = state.decision
+    acceptable = decision.revision >= 1 if current is None else decision.revision == current.revision + 1
+    if not acceptable:
+        raise Conflict(
+            f"revision {decision.revision} is not the next revision",
+            f"committed revision is {state.revision}",
+        )
+    entry = decision_entry(decision)
+    after = dataclasses.replace(state, decision=decision, history=history_add(state.history, entry))
+    return Change(after, entry, decision)
+
+
+def decision_entry(decision: Decision) -> HistoryEntry:
+    """The history entry a committed decision adds (for backends that check revisions themselves)."""
+    return HistoryEntry(
+        kind="decision",
+        at=decision.committed_at,
+        revision=decision.revision,
+        summary=decision_summary(decision),
+        who=decision.leader or None,
+    )
+
+
+def decision_summary(decision: Decision) -> str:
+    """The history line of a decision: its reasons, bounded."""
+    text = "; ".join(decision.reasons) if decision.reasons else f"revision {decision.revision}"
+    if len(text) > SUMMARY_MAX_CHARS:
+        text = text[: SUMMARY_MAX_CHARS - 3] + "..."
+    return text
+
+
+def remember(recent: Mapping[str, Intent], intent: Intent) -> dict[str, Intent]:
+    """`recent` with `intent` added, the oldest dropped past `HISTORY_LIMIT`.
+
+    Insertion order is deterministic, so every member evicts the same ids.
+    """
+    out = dict(recent)
+    out[intent.id] = intent
+    while len(out) > HISTORY_LIMIT:
+        del out[next(iter(out))]
+    return out
