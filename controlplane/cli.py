@@ -78,8 +78,8 @@ def main() -> None:
 def agent(config_path: str, agent_id: str | None, data_dir: Path | None, log_level: str | None) -> None:
     """Run one agent until SIGTERM or SIGINT."""
     from controlplane.agent.daemon import resolve_agent_id, run_agent
-    from controlplane.agent.supervisor import TaskFailed
     from controlplane.config import load_settings
+    from controlplane.errors import TaskFailed
 
     try:
         settings = load_settings(config_path)

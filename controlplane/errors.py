@@ -50,6 +50,20 @@ class Unsafe(Rejected):
     code = "unsafe"
 
 
+class Unauthorized(ControlplaneError):
+    """No credentials, or credentials this cluster does not know."""
+
+    http_status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ControlplaneError):
+    """Known credentials that may not do this (a read token asked to write)."""
+
+    http_status = 403
+    code = "forbidden"
+
+
 class Overloaded(ControlplaneError):
     """This agent is at one of its limits (watchers, request size); try later or elsewhere."""
 
@@ -83,3 +97,33 @@ class Conflict(StoreError):
 
     http_status = 409
     code = "conflict"
+
+
+class TaskFailed(ControlplaneError):
+    """A long-lived task ended (returned or raised) while it was meant to keep running."""
+
+    def __init__(self, name: str, cause: BaseException | None) -> None:
+        what = f"raised {type(cause).__name__}: {cause}" if cause else "returned"
+        super().__init__(f"task {name!r} {what}")
+        self.name = name
+        self.cause = cause
+
+
+class ProbeError(ControlplaneError):
+    """A probe target answered in a way that cannot count as healthy (an unusable body)."""
+
+    code = "probe_failed"
+
+
+class LoadBalancerError(ControlplaneError):
+    """A load balancer adapter could not do its part; the load balancer keeps what it has."""
+
+    code = "lb_error"
+
+
+class RenderError(LoadBalancerError):
+    """A template cannot be rendered for this decision; nothing was written."""
+
+
+class RuntimeApiError(LoadBalancerError):
+    """HAProxy's runtime API socket could not be used (absent, refused, timed out, closed)."""

@@ -241,6 +241,8 @@ class Decision(Record):
     `decide()` leaves them as they were. `intent_seq` is the highest intent seq the
     decision took into account, so a writer can tell which revision carries its intent.
     `next_review_at` is when time alone (hold expiry, ramp step) changes the outcome.
+    `epoch` names the cluster state the revision counts in: chosen when that state was
+    first created, so a rebuilt cluster (whose revisions start again) is told apart.
     """
 
     revision: int
@@ -257,6 +259,7 @@ class Decision(Record):
     term: int = 0
     committed_at: float = 0.0
     leader: str = ""
+    epoch: str = ""
 
     def differs_only_in_reasons(self, other: Decision) -> bool:
         """Same weights, states, features and all, but other words for them."""
@@ -315,6 +318,7 @@ def decision_to_json(decision: Decision) -> dict[str, Any]:
         "intent_seq": decision.intent_seq,
         "decided_at": decision.decided_at,
         "next_review_at": decision.next_review_at,
+        "epoch": decision.epoch,
     }
 
 
@@ -347,6 +351,7 @@ def decision_from_json(data: Mapping[str, Any]) -> Decision:
         intent_seq=int(data.get("intent_seq", 0)),
         decided_at=float(data.get("decided_at", 0.0)),
         next_review_at=None if data.get("next_review_at") is None else float(data["next_review_at"]),
+        epoch=str(data.get("epoch", "")),
     )
 
 

@@ -20,7 +20,6 @@ from aiohttp import web
 
 from controlplane.agent.loops import decide_loop, publish, refresh_loop, watch_loop
 from controlplane.agent.node import Node, Tokens
-from controlplane.agent.supervisor import Supervisor
 from controlplane.api.app import create_app
 from controlplane.config import Settings
 from controlplane.consensus.base import ControlStore
@@ -28,6 +27,7 @@ from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
 from controlplane.model import Observation
 from controlplane.probes import DEFAULT_EXPECT_STATUS, ProbeKind, Prober, ProbeTarget
+from controlplane.tasks import Supervisor
 
 log = logging.getLogger(__name__)
 

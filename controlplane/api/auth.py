@@ -13,19 +13,9 @@ import hmac
 from aiohttp import web
 
 from controlplane.api.common import NODE
-from controlplane.errors import ControlplaneError
+from controlplane.errors import Forbidden, Unauthorized
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
-
-
-class Unauthorized(ControlplaneError):
-    http_status = 401
-    code = "unauthorized"
-
-
-class Forbidden(ControlplaneError):
-    http_status = 403
-    code = "forbidden"
 
 
 def _token(request: web.Request) -> str | None:

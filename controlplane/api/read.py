@@ -16,11 +16,11 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from controlplane import formats
 from controlplane.agent.node import Node
 from controlplane.api.common import NODE, error_response, json_response
 from controlplane.decide.verdicts import is_fresh
 from controlplane.errors import NotFound, Rejected
-from controlplane.lb import render
 from controlplane.model import Decision, decision_to_json, observation_to_json
 
 
@@ -266,11 +266,11 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
         return json_response(body, headers=headers)
     addresses = service_addresses(node, service)
     if fmt == "envoy":
-        return json_response(render.envoy_cla(decision, service, addresses), headers=headers)
+        return json_response(formats.envoy_cla(decision, service, addresses), headers=headers)
     text = (
-        render.haproxy_commands(decision, service, {r: (service, r) for r in addresses})
+        formats.haproxy_commands(decision, service, {r: (service, r) for r in addresses})
         if fmt == "haproxy"
-        else render.nginx_upstream(decision, service, addresses)
+        else formats.nginx_upstream(decision, service, addresses)
     )
     return web.Response(text=text, content_type="text/plain", headers=headers)
 

@@ -23,6 +23,7 @@ import click
 from controlplane.cpctl import render
 from controlplane.cpctl.commands import cli, current_decision, emit_json, pass_settings
 from controlplane.cpctl.errors import CpctlError, UsageProblem
+from controlplane.cpctl.follow import follow
 from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import Settings, command, subgroup
 
@@ -66,27 +67,23 @@ def confirm(question: str) -> None:
 
 
 def wait_served(client: Client, seq: int, revision: int | None) -> tuple[dict[str, Any], bool]:
-    """The decision an agent serves once it carries intent `seq` (blocking queries, bounded).
+    """The decision served once it carries intent `seq` (blocking queries, bounded).
 
     Returns (decision, True) when served within SERVE_WAIT_S, else the latest one and False.
     """
     deadline = time.monotonic() + SERVE_WAIT_S
-    decision = current_decision(client)
+    latest: dict[str, Any] = current_decision(client)
 
     def carries(d: dict[str, Any]) -> bool:
         return int(d.get("intent_seq", 0)) >= seq and (revision is None or int(d["revision"]) >= revision)
 
-    while not carries(decision):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return decision, False
-        wait_s = max(1, int(remaining))
-        decision = client.get(
-            "/v1/decision",
-            {"index": str(decision["revision"]), "wait": f"{wait_s}s"},
-            timeout_s=wait_s + 10.0,
-        ).body
-    return decision, True
+    if carries(latest):
+        return latest, True
+    for served in follow(client, wait_s=SERVE_WAIT_S, deadline=deadline):
+        latest = dict(served.body)
+        if carries(latest):
+            return latest, True
+    return latest, False
 
 
 def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, dry_run: bool) -> None:

@@ -14,13 +14,13 @@ from typing import Any
 
 import click
 
+from controlplane.client.following import Following, Served
 from controlplane.cpctl import render
-from controlplane.cpctl.errors import CpctlError, Unreachable
+from controlplane.cpctl.follow import follow as follow_decisions
 from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import CpctlGroup, Settings, command, global_options
 
 WATCH_WAIT_S = 30
-WATCH_RETRY_MAX_S = 5.0
 
 pass_settings = click.make_pass_decorator(Settings, ensure=True)
 
@@ -188,24 +188,10 @@ def follow(settings: Settings, count: int | None) -> None:
     console = render.make_console()
     previous: dict[str, Any] | None = None
     seen = 0
-    failing_since: float | None = None
-    delay = 0.2
-    while count is None or seen < count:
-        query = {} if previous is None else {"index": str(previous["revision"]), "wait": f"{WATCH_WAIT_S}s"}
-        try:
-            decision = client.get("/v1/decision", query, timeout_s=WATCH_WAIT_S + 15.0).body
-        except Unreachable as e:
-            if previous is None:
-                raise
-            failing_since = _report_gap(failing_since, e)
-            time.sleep(delay)
-            delay = min(WATCH_RETRY_MAX_S, delay * 2)
-            continue
-        if failing_since is not None:
-            click.echo(f"cpctl: reached {client.endpoint} again", err=True)
-            failing_since, delay = None, 0.2
-        if previous is not None and decision["revision"] <= previous["revision"]:
-            continue  # the wait ended without a new revision
+    gap = Gap()
+    for served in follow_decisions(client, wait_s=WATCH_WAIT_S, on_miss=gap.missed):
+        gap.ended(served)
+        decision = dict(served.body)
         if settings.json:
             click.echo(json.dumps(decision, ensure_ascii=False))
         else:
@@ -213,14 +199,26 @@ def follow(settings: Settings, count: int | None) -> None:
         sys.stdout.flush()
         if previous is not None:
             seen += 1
+            if count is not None and seen >= count:
+                return
         previous = decision
 
 
-def _report_gap(failing_since: float | None, error: CpctlError) -> float:
-    if failing_since is None:
-        click.echo(f"cpctl: {error.message}; still trying", err=True)
-        return time.monotonic()
-    return failing_since
+class Gap:
+    """Says once on stderr when the followed agents stop answering, and once when one is back."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def missed(self, following: Following) -> None:
+        if self.since is None:
+            self.since = time.monotonic()
+            click.echo(f"cpctl: {following.last_error}; still trying", err=True)
+
+    def ended(self, served: Served) -> None:
+        if self.since is not None:
+            self.since = None
+            click.echo(f"cpctl: reached {served.agent} again", err=True)
 
 
 def current_decision(client: Client) -> dict[str, Any]:

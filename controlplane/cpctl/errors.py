@@ -6,12 +6,14 @@ the top and prints their message.
 
 from __future__ import annotations
 
+from controlplane.errors import ControlplaneError
+
 EXIT_REFUSED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 
-class CpctlError(Exception):
+class CpctlError(ControlplaneError):
     """An error cpctl reports as one line on stderr and an exit code."""
 
     exit_code = EXIT_REFUSED
@@ -49,5 +51,5 @@ class Refused(CpctlError):
         self.endpoint = endpoint
 
 
-class OutputClosed(Exception):
+class OutputClosed(ControlplaneError):
     """stdout was closed by its reader (`cpctl history | head`): not a failure of cpctl's."""

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from controlplane.cpctl.errors import Refused, Unreachable, UsageProblem
+from controlplane.errors import ControlplaneError
 
 CONNECT_TIMEOUT_MAX_S = 3.0
 STALE_HEADER = "X-Controlplane-Stale"
@@ -68,11 +69,11 @@ def normalize_endpoint(text: str) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port is not None else "")
 
 
-class _NotSent(Exception):
+class _NotSent(ControlplaneError):
     """The request never reached the agent; trying another endpoint is always safe."""
 
 
-class _NoAnswer(Exception):
+class _NoAnswer(ControlplaneError):
     """The request was sent but no (whole) answer came back."""
 
 
@@ -166,6 +167,17 @@ class Client:
         if last_unavailable is not None:
             raise last_unavailable
         raise Unreachable("no agent reachable: " + "; ".join(failures))
+
+    def get_from(
+        self, endpoint: str, path: str, query: Mapping[str, str] | None, timeout_s: float
+    ) -> Response:
+        """One GET to one given endpoint, whatever its status; `Unreachable` when no answer came."""
+        target = path + (f"?{urllib.parse.urlencode(query)}" if query else "")
+        try:
+            status, headers, raw = self._send(endpoint, "GET", target, None, timeout_s)
+        except (_NotSent, _NoAnswer) as e:
+            raise Unreachable(f"{endpoint}: {e.message}") from None
+        return Response(status, headers, _parse(raw), endpoint)
 
     def _send(
         self, endpoint: str, method: str, target: str, payload: bytes | None, timeout_s: float

@@ -194,7 +194,7 @@ class CpctlGroup(click.Group):
             return super().invoke(ctx)
         except BrokenPipeError:
             # click would turn it into a silent exit 1; the reader leaving is not a failure.
-            raise OutputClosed() from None
+            raise OutputClosed("stdout closed by its reader") from None
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(self.commands)

@@ -398,7 +398,7 @@ class _Console(Console):
         self.quiet = True
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-        raise OutputClosed()
+        raise OutputClosed("stdout closed by its reader")
 
 
 def make_console(stderr: bool = False) -> Console:

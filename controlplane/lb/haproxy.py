@@ -1,6 +1,6 @@
 """`controlplane lb haproxy`: keep HAProxy's server weights on the committed decision.
 
-The adapter follows the decision (`follow.DecisionFollower`) and turns it into the
+The adapter follows the decision (`controlplane.client.DecisionFollower`) and turns it into the
 desired setting of every mapped HAProxy server (`render.haproxy_plan`). It never sends
 the whole plan blindly: it reads what HAProxy has now (`show servers state`) and sends
 only the commands that differ, in the plan's order (servers that will serve first).
@@ -24,12 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.errors import NotFound
-from controlplane.lb.follow import DecisionFollower, apply_once, pause
+from controlplane.client.follower import DecisionFollower, apply_once, pause
+from controlplane.errors import NotFound, RuntimeApiError
+from controlplane.formats import HaproxyPlan, ServerMap, ServerSetting, haproxy_plan
 from controlplane.lb.mapfile import load_haproxy_map
-from controlplane.lb.render import HaproxyPlan, ServerMap, ServerSetting, haproxy_plan
 from controlplane.lb.status import StatusFile
 from controlplane.model import Decision
+from controlplane.tasks import run_alongside
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,6 @@ log = logging.getLogger(__name__)
 # what the runtime API's `state maint` / `state drain` set and `state ready` clears.
 ADMIN_FORCED_MAINT = 0x01
 ADMIN_FORCED_DRAIN = 0x08
-
-
-class RuntimeApiError(Exception):
-    """The runtime API socket could not be used (absent, refused, timed out, closed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,10 +305,6 @@ async def run_haproxy(
     stop = stop or asyncio.Event()
     if once:
         return await apply_once(follower, stop, lambda: bool(adapter.status.data.get("ok")))
-    reconciler = asyncio.create_task(adapter.run_reconciler(reconcile_s, stop), name="haproxy reconcile")
-    try:
-        await follower.run(stop)
-    finally:
-        stop.set()
-        await reconciler
-    return 0
+    return await run_alongside(
+        follower.run(stop), stop, {"haproxy reconcile": adapter.run_reconciler(reconcile_s, stop)}
+    )

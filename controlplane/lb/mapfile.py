@@ -28,7 +28,7 @@ from typing import Any
 import yaml
 
 from controlplane.errors import ConfigError, Rejected
-from controlplane.lb.render import ServerMap, split_address
+from controlplane.formats import ServerMap, split_address
 
 # HAProxy proxy and server names, nginx upstream names: no spaces, slashes or quotes.
 _LB_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")

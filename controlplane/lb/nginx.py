@@ -37,22 +37,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from controlplane.errors import ConfigError, NotFound
-from controlplane.lb.follow import DecisionFollower, apply_once, pause
+from controlplane.client.follower import DecisionFollower, apply_once, pause
+from controlplane.errors import ConfigError, NotFound, RenderError
+from controlplane.formats import NoServingRegion, nginx_upstream
 from controlplane.lb.mapfile import NginxUpstream, load_nginx_map
-from controlplane.lb.render import NoServingRegion, nginx_upstream
 from controlplane.lb.status import StatusFile, write_atomic
 from controlplane.model import Decision
+from controlplane.tasks import run_alongside
 
 log = logging.getLogger(__name__)
 
 PLACEHOLDER = re.compile(r"^(?P<indent>[ \t]*)# controlplane:upstream[ \t]+(?P<service>\S+)[ \t]*$", re.M)
 COMMAND_TIMEOUT_S = 30.0
 _OUTPUT_TAIL = 2000
-
-
-class RenderError(Exception):
-    """The template cannot be rendered for this decision; nothing was written."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,10 +324,5 @@ async def run_nginx(
     stop = stop or asyncio.Event()
     if once:
         return await apply_once(follower, stop, lambda: bool(adapter.status.data.get("ok")))
-    watcher = asyncio.create_task(adapter.run_watcher(check_s, stop), name="nginx template watch")
-    try:
-        await follower.run(stop)
-    finally:
-        stop.set()
-        await watcher
-    return 0
+    watch = adapter.run_watcher(check_s, stop)
+    return await run_alongside(follower.run(stop), stop, {"nginx template watch": watch})

@@ -21,6 +21,7 @@ import time
 import aiohttp
 import orjson
 
+from controlplane.errors import ProbeError
 from controlplane.probes.target import ProbeResult, ProbeTarget
 
 MAX_BODY_BYTES = 64 * 1024
@@ -34,7 +35,7 @@ _CAP_SLACK_S = 0.05
 _HEADERS = {"Connection": "close", "User-Agent": "controlplane-probe/1", "Accept": "*/*"}
 
 
-class _BadBody(Exception):
+class _BadBody(ProbeError):
     """The target answered with an acceptable status but a body we cannot use."""
 
 

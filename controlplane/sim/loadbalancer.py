@@ -1,7 +1,7 @@
 """A simulated load balancer that routes real requests by the committed weights.
 
-It follows the decision of one service from the agents (long-polling with
-`?index=&wait=`, moving to the next agent when one does not answer), picks a region per
+It follows the decision of one service from the agents with the SDK's
+`DecisionFollower` (as a real adapter does), picks a region per
 request by weighted choice, sends a real HTTP request to that region's simulated
 backend, and counts what happened per region and per second. The demo prints its
 counts as the traffic timeline; tests use them to check where traffic went.
@@ -15,11 +15,13 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 
-POLL_TIMEOUT = aiohttp.ClientTimeout(total=15.0)
+from controlplane.client.follower import DecisionFollower
+from controlplane.model import Decision
+from controlplane.tasks import spawn
+
 REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=1.0)
 
 
@@ -44,18 +46,22 @@ class SimLoadBalancer:
     revision: int = 0
     history: deque[Second] = field(default_factory=lambda: deque(maxlen=3600))
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _session: aiohttp.ClientSession | None = None
     _in_flight: int = 0
     _max_in_flight: int = 256
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_in_flight))
+        self._stop = asyncio.Event()
+        follower = DecisionFollower(self.agents, self.apply, wait_s=10.0, retry_s=0.2)
         self._tasks = [
-            asyncio.create_task(self._follow(), name="lb follow decision"),
-            asyncio.create_task(self._send(), name="lb send traffic"),
+            spawn("lb follow decision", follower.run(self._stop)),
+            spawn("lb send traffic", self._send()),
         ]
 
     async def stop(self) -> None:
+        self._stop.set()
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -71,29 +77,11 @@ class SimLoadBalancer:
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
-    def apply(self, decision: Mapping[str, Any]) -> None:
-        """Take a decision's weights for our service, never going back in revision."""
-        revision = int(decision["revision"])
-        if revision < self.revision:
-            return
-        placements = decision["services"].get(self.service, {})
-        self.weights = {r: int(p["weight"]) for r, p in placements.items()}
-        self.revision = revision
-
-    async def _follow(self) -> None:
-        assert self._session is not None
-        i = 0
-        while True:
-            url = f"{self.agents[i % len(self.agents)]}/v1/decision?index={self.revision}&wait=10s"
-            try:
-                async with self._session.get(url, timeout=POLL_TIMEOUT) as r:
-                    if r.status == 200:
-                        self.apply(await r.json())
-                        continue
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                pass
-            i += 1  # this agent did not answer: try the next one
-            await asyncio.sleep(0.2)
+    async def apply(self, decision: Decision) -> None:
+        """Take a decision's weights for our service (the follower never goes back)."""
+        placements = decision.services.get(self.service, {})
+        self.weights = {r: p.weight for r, p in placements.items()}
+        self.revision = decision.revision
 
     def _second(self) -> Second:
         now = time.time()

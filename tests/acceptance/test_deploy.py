@@ -30,9 +30,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from controlplane.cli import main as cli_main
 from controlplane.config import SecretRef, parse_settings
+from controlplane.formats import nginx_upstream
 from controlplane.lb.mapfile import load_haproxy_map, load_nginx_map
 from controlplane.lb.nginx import render_template
-from controlplane.lb.render import nginx_upstream
 from controlplane.localcluster import free_port
 from controlplane.metrics import Metrics
 from tests.acceptance.lb_fixtures import StartCluster, lb_config, require_binary

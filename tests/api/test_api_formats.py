@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.lb.haproxy import RuntimeApi, RuntimeApiError
+from controlplane.errors import RuntimeApiError
+from controlplane.lb.haproxy import RuntimeApi
 from controlplane.localcluster import LocalCluster
 from tests.acceptance.lb_fixtures import NGINX_TEMPLATE, eventually, free_port, require_binary
 

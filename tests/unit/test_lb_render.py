@@ -20,12 +20,9 @@ from aiohttp import web
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controlplane.errors import ConfigError, NotFound
-from controlplane.lb.follow import DecisionFollower
-from controlplane.lb.haproxy import ServerState, commands_for_drift, parse_servers_state
-from controlplane.lb.mapfile import load_haproxy_map, load_nginx_map
-from controlplane.lb.nginx import RenderError, placeholders, render_template
-from controlplane.lb.render import (
+from controlplane.client.follower import DecisionFollower
+from controlplane.errors import ConfigError, NotFound, RenderError
+from controlplane.formats import (
     ENVOY_CLA_TYPE,
     NoServingRegion,
     ServerSetting,
@@ -35,6 +32,9 @@ from controlplane.lb.render import (
     haproxy_plan,
     nginx_upstream,
 )
+from controlplane.lb.haproxy import ServerState, commands_for_drift, parse_servers_state
+from controlplane.lb.mapfile import load_haproxy_map, load_nginx_map
+from controlplane.lb.nginx import placeholders, render_template
 from controlplane.model import Decision, decision_from_json
 
 REGIONS = ("cn-east", "cn-south", "cn-north")
@@ -455,7 +455,7 @@ async def test_follower_keeps_the_last_state_when_no_agent_answers(agents: list[
     try:
         await eventually(lambda: applied == [2], "revision 2")
         only.down = True
-        await eventually(lambda: follower._failures >= 4, "several failed rounds")
+        await eventually(lambda: follower.following.misses >= 4, "several failed rounds")
         assert applied == [2] and follower.applied_revision == 2
         assert follower.last_error is not None
         only.down = False
