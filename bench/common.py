@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from controlplane.localcluster import free_port, load_demo_config, remap_ports
+from controlplane.testing.localcluster import free_port, load_demo_config, remap_ports
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

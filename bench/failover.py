@@ -59,7 +59,7 @@ from bench.common import (
     ratio,
 )
 from bench.peers import FAULTS, HEALED, SERVER_NAMES, HaproxyPeer, SentinelPeer
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 
 REGIONS = ("cn-east", "cn-south", "cn-north")
 SERVICES = ("order", "inventory", "gateway")

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Processes, require_binary, wait_port
-from controlplane.localcluster import free_port
-from controlplane.sim.backend import SimBackend
+from controlplane.testing.backend import SimBackend
+from controlplane.testing.localcluster import free_port
 
 HOST = "127.0.0.1"
 MASTER_NAME = "mymaster"

@@ -46,7 +46,7 @@ from bench.common import (
     machine,
     print_table,
 )
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 
 GROWTH_TARGET_PERCENT = 2.0
 REGIONS = ("cn-east", "cn-south", "cn-north")

@@ -57,7 +57,7 @@ from bench.common import (
     print_table,
     raise_nofile,
 )
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 
 WAIT = "120s"
 CONNECT_CONCURRENCY = 100

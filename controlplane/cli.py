@@ -77,8 +77,8 @@ def main() -> None:
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
 def agent(config_path: str, agent_id: str | None, data_dir: Path | None, log_level: str | None) -> None:
     """Run one agent until SIGTERM or SIGINT."""
-    from controlplane.agent.daemon import resolve_agent_id, run_agent
     from controlplane.config import load_settings
+    from controlplane.daemon import resolve_agent_id, run_agent
     from controlplane.errors import TaskFailed
 
     try:

@@ -90,6 +90,17 @@ class ClusterConfig(_Strict):
     name: Name = "controlplane"
     secret: SecretRef = SecretRef(env="CONTROLPLANE_CLUSTER_SECRET")
     agents: Annotated[tuple[AgentConfig, ...], Field(min_length=1, max_length=15)]
+    # Where THIS agent connects to reach another member's Raft port, when that differs
+    # from the member's `raft` address (a tunnel, NAT, or a test's fault proxy). The
+    # member is still known by its `raft` address. Usually set in a per-agent file.
+    dial: dict[Name, str] = {}
+
+    @field_validator("dial")
+    @classmethod
+    def _dial(cls, v: dict[str, str]) -> dict[str, str]:
+        for address in v.values():
+            _host_port(address)
+        return v
 
 
 class ProbeDefaults(_Strict):
@@ -353,6 +364,11 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
                 )
             else:
                 first[value] = i
+
+    ids = {mapping(a).get("id") for a in agents} if isinstance(agents, list) else set()
+    for member in mapping(mapping(raw.get("cluster")).get("dial")):
+        if ids and member not in ids:
+            problems.append(f"cluster.dial.{member}: not an agent id in cluster.agents (got {member!r})")
 
     policy = mapping(raw.get("policy"))
     for service in mapping(policy.get("demand_rps")):

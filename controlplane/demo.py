@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from controlplane.etcdlocal import EtcdUnavailable, LocalEtcd
-from controlplane.localcluster import LocalCluster, load_demo_config, remap_ports
-from controlplane.sim.loadbalancer import SimLoadBalancer
+from controlplane.testing.etcdlocal import EtcdUnavailable, LocalEtcd
+from controlplane.testing.loadbalancer import SimLoadBalancer
+from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
 
 SERVICE = "order"
 FAILED_REGION = "cn-east"

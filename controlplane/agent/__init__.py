@@ -1,1 +1,1 @@
-"""The agent daemon: probes, publishes observations, decides on the leader, serves HTTP."""
+"""The agent's work beside the API: the node it serves, the loops that publish and decide, the revision feed."""

@@ -47,7 +47,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -83,9 +83,6 @@ from controlplane.consensus.etcd_view import (
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
 from controlplane.model import Decision, Intent, Observation, decision_from_json
 from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, MemberStatus, StoreStatus
-
-if TYPE_CHECKING:
-    from controlplane.config import Settings
 
 log = logging.getLogger(__name__)
 
@@ -192,56 +189,6 @@ class EtcdStore(ControlStore):
         self._publishing = asyncio.Lock()
         self._intent_writing = asyncio.Lock()
         self._in_flight = 0
-
-    @classmethod
-    def from_settings(cls, settings: Settings, agent_id: str) -> EtcdStore:
-        """The store that `backend.etcd` describes; `ConfigError` lists every problem.
-
-        The password is resolved here (from the environment or a file, never the YAML).
-        """
-        etcd = settings.model.backend.etcd
-        if etcd is None:
-            raise ConfigError(["backend.etcd: required when backend.kind is etcd (got nothing)"])
-        problems: list[str] = []
-        password: str | None = None
-        if etcd.password is not None:
-            try:
-                password = etcd.password.resolve("backend.etcd.password")
-            except ConfigError as exc:
-                problems.extend(exc.problems)
-        if etcd.username is not None and etcd.password is None:
-            problems.append("backend.etcd.password: required when backend.etcd.username is set (got nothing)")
-        if etcd.password is not None and etcd.username is None:
-            problems.append("backend.etcd.username: required when backend.etcd.password is set (got nothing)")
-        # Credentials only as a pair; a missing half is reported above, not twice.
-        username = etcd.username if password is not None else None
-        tls = None
-        if etcd.tls is not None:
-            tls = EtcdTls(ca_file=etcd.tls.ca_file, cert_file=etcd.tls.cert_file, key_file=etcd.tls.key_file)
-        agents = settings.cluster.agents
-        me = next((a for a in agents if a.id == agent_id), None)
-        if me is None:
-            known = ", ".join(a.id for a in agents)
-            problems.append(f"agent id: {agent_id!r} is not in cluster.agents (known: {known})")
-        store: EtcdStore | None = None
-        try:
-            store = cls(
-                member_id=agent_id,
-                endpoints=etcd.endpoints,
-                prefix=etcd.prefix,
-                lease_ttl_s=etcd.lease_ttl_s,
-                timeout_s=etcd.timeout_s,
-                members={a.id: a.http for a in agents},
-                address=me.http if me is not None else "",
-                tls=tls,
-                username=username,
-                password=password if username is not None else None,
-            )
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        if problems or store is None:
-            raise ConfigError(problems)
-        return store
 
     # -- lifecycle -----------------------------------------------------------------------
 

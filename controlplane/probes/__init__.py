@@ -9,6 +9,7 @@
 from controlplane.probes.checks import MAX_BODY_BYTES, check, check_http, check_tcp
 from controlplane.probes.health import TargetHealth, is_slow, summarize
 from controlplane.probes.prober import OnChange, OnResult, Prober
+from controlplane.probes.settings import probe_targets
 from controlplane.probes.target import DEFAULT_EXPECT_STATUS, ProbeKind, ProbeResult, ProbeTarget
 
 __all__ = [
@@ -25,5 +26,6 @@ __all__ = [
     "check_http",
     "check_tcp",
     "is_slow",
+    "probe_targets",
     "summarize",
 ]

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import aiohttp
 import pytest
 
-from controlplane.localcluster import LocalCluster, load_demo_config, remap_ports
+from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
 
 READY_TIMEOUT_S = 90.0
 FAULT_TIMEOUT_S = 45.0

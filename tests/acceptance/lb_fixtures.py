@@ -33,7 +33,7 @@ import aiohttp
 import pytest
 
 from controlplane.lb.haproxy import RuntimeApi, ServerState
-from controlplane.localcluster import LocalCluster, free_port, load_demo_config, remap_ports
+from controlplane.testing.localcluster import LocalCluster, free_port, load_demo_config, remap_ports
 
 SERVICE = "order"
 FAILED = "cn-east"

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from controlplane.etcdlocal import LocalEtcd
+from controlplane.testing.etcdlocal import LocalEtcd
 from tests.acceptance.conftest import (
     BASE_WEIGHTS,
     FAULT_TIMEOUT_S,

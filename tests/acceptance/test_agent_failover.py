@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 from tests.acceptance.conftest import (
     BASE_WEIGHTS,
     REGIONS,

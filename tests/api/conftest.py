@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from controlplane.localcluster import LocalCluster, load_demo_config, remap_ports
+from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
 
 
 def api_config(**policy: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import pytest
 
 from controlplane.errors import RuntimeApiError
 from controlplane.lb.haproxy import RuntimeApi
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 from tests.acceptance.lb_fixtures import NGINX_TEMPLATE, eventually, free_port, require_binary
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.asyncio(loop_scope="module")]

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 from tests.api.conftest import api_config, settled
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.asyncio(loop_scope="module")]

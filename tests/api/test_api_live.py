@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.asyncio(loop_scope="module")]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 from tests.api.conftest import api_config, settled
 
 pytestmark = [pytest.mark.acceptance]

@@ -7,7 +7,7 @@ import signal
 import pytest
 
 from controlplane.client import FlagsClient
-from controlplane.localcluster import LocalCluster
+from controlplane.testing.localcluster import LocalCluster
 from tests.api.conftest import api_config, settled
 
 pytestmark = [pytest.mark.acceptance]

@@ -28,8 +28,8 @@ from typing import Any
 
 import pytest
 
-from controlplane.faultproxy import ProxyMesh
-from controlplane.localcluster import LocalCluster, load_demo_config, remap_ports
+from controlplane.testing.faultproxy import ProxyMesh
+from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
 
 CPCTL = str(Path(sys.executable).with_name("cpctl"))
 READY_TIMEOUT_S = 90.0

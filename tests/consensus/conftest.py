@@ -30,8 +30,8 @@ from typing import Any, Protocol, TypeVar
 import pytest
 
 from controlplane.consensus import ControlStore, EtcdStore, MemoryGroup, MemoryStore, RaftStore, RaftTimings
-from controlplane.etcdlocal import LocalEtcd
 from controlplane.state import ControlState, StoreStatus
+from controlplane.testing.etcdlocal import LocalEtcd
 
 SECRET = "test-cluster-secret"
 LEADER_TIMEOUT_S = 10.0

@@ -25,10 +25,11 @@ from controlplane.config import parse_settings
 from controlplane.consensus import EtcdStore
 from controlplane.consensus.etcd_client import EtcdClient, EtcdTls, Event, KeyValue, WatchBatch, put
 from controlplane.consensus.etcd_view import EtcdView, Layout, encode_decision, encode_history, encode_intent
+from controlplane.consensus.factory import make_store
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, StoreError
-from controlplane.etcdlocal import DEBIAN_PACKAGE, EtcdUnavailable, LocalEtcd, LocalEtcdTls
 from controlplane.model import Decision, Observation
 from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, StoreStatus
+from controlplane.testing.etcdlocal import DEBIAN_PACKAGE, EtcdUnavailable, LocalEtcd, LocalEtcdTls
 
 from .conftest import Cluster, ClusterFactory, EtcdBackend, eventually, free_port
 from .test_behaviour import drain, make_decision, seen
@@ -598,7 +599,7 @@ def settings_with(etcd: dict[str, Any]) -> Any:
     return parse_settings(raw)
 
 
-def test_from_settings_builds_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_make_store_builds_the_store(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ETCD_PASSWORD", "pw")
     settings = settings_with(
         {
@@ -610,7 +611,7 @@ def test_from_settings_builds_the_store(monkeypatch: pytest.MonkeyPatch) -> None
         }
     )
 
-    store = EtcdStore.from_settings(settings, "a2")
+    store = make_store(settings, "a2", pathlib.Path("/nonexistent"))
 
     assert (store.member_id, store.endpoints, store.lease_ttl_s) == (
         "a2",
@@ -625,7 +626,7 @@ def test_from_settings_builds_the_store(monkeypatch: pytest.MonkeyPatch) -> None
     }
 
 
-def test_from_settings_lists_every_problem_with_its_field(tmp_path: pathlib.Path) -> None:
+def test_make_store_lists_every_problem_with_its_field(tmp_path: pathlib.Path) -> None:
     settings = settings_with(
         {
             "endpoints": ["127.0.0.1:2379"],
@@ -635,7 +636,7 @@ def test_from_settings_lists_every_problem_with_its_field(tmp_path: pathlib.Path
     )
 
     with pytest.raises(ConfigError) as refused:
-        EtcdStore.from_settings(settings, "a1")
+        make_store(settings, "a1", pathlib.Path("/nonexistent"))
 
     fields = sorted(p.split(":")[0] for p in refused.value.problems)
     assert fields == [
@@ -647,10 +648,10 @@ def test_from_settings_lists_every_problem_with_its_field(tmp_path: pathlib.Path
     ]
 
 
-def test_from_settings_needs_the_etcd_section() -> None:
+def test_make_store_needs_the_etcd_section() -> None:
     settings = parse_settings(dict(SETTINGS))
     with pytest.raises(ConfigError) as refused:
-        EtcdStore.from_settings(settings, "a1")
+        make_store(settings, "a1", pathlib.Path("/nonexistent"))
     assert refused.value.problems[0].startswith("backend.etcd:")
 
 

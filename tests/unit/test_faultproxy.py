@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 
 from controlplane import faultproxy
-from controlplane.faultproxy import FaultProxy, ProxyMesh
+from controlplane.testing.faultproxy import FaultProxy, ProxyMesh
 
 
 class EchoServer:
@@ -407,7 +407,7 @@ async def test_runs_as_a_separate_process(members: dict[str, EchoServer], tmp_pa
     spec = tmp_path / "mesh.json"
     spec.write_text(json.dumps({"members": {n: f"127.0.0.1:{s.port}" for n, s in members.items()}}))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controlplane.faultproxy", "--spec", str(spec), "--admin-port", "0",
+        sys.executable, "-m", "controlplane.testing.faultproxy", "--spec", str(spec), "--admin-port", "0",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

@@ -24,7 +24,7 @@ from controlplane.probes import (
     is_slow,
     summarize,
 )
-from controlplane.sim.backend import SimBackend
+from controlplane.testing.backend import SimBackend
 
 # -- fixtures ---------------------------------------------------------------------------
 

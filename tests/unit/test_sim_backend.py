@@ -15,8 +15,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controlplane.sim import backend as sim
-from controlplane.sim.backend import SimBackend
+from controlplane.testing import backend as sim
+from controlplane.testing.backend import SimBackend
 
 
 @pytest.fixture
@@ -263,7 +263,7 @@ async def test_runs_as_a_separate_process(tmp_path: Path) -> None:
     spec = tmp_path / "backends.yaml"
     spec.write_text("- {region: cn-north, service: inventory}\n")
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "controlplane.sim.backend", "--spec", str(spec),
+        sys.executable, "-m", "controlplane.testing.backend", "--spec", str(spec),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     try:

@@ -8,11 +8,9 @@ same steps backwards. Any task that dies takes the process down with exit code 1
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
-from collections.abc import Mapping
 from pathlib import Path
 
 import aiohttp
@@ -22,45 +20,14 @@ from controlplane.agent.loops import decide_loop, publish, refresh_loop, watch_l
 from controlplane.agent.node import Node, Tokens
 from controlplane.api.app import create_app
 from controlplane.config import Settings
-from controlplane.consensus.base import ControlStore
+from controlplane.consensus.factory import make_store
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
 from controlplane.model import Observation
-from controlplane.probes import DEFAULT_EXPECT_STATUS, ProbeKind, Prober, ProbeTarget
+from controlplane.probes import Prober, ProbeTarget, probe_targets
 from controlplane.tasks import Supervisor
 
 log = logging.getLogger(__name__)
-
-DIAL_ENV = "CONTROLPLANE_RAFT_DIAL"  # JSON {member: "host:port"}: route Raft through a proxy (tests)
-
-
-def probe_targets(settings: Settings) -> list[ProbeTarget]:
-    defaults = settings.model.probes
-    targets = []
-    for region, rc in settings.regions.items():
-        for service, sc in rc.services.items():
-            for t in sc.targets:
-                kind: ProbeKind = "tcp" if t.url.startswith("tcp://") else "http"
-                host = port = None
-                if kind == "tcp":
-                    host, _, port_text = t.url.removeprefix("tcp://").rpartition(":")
-                    port = int(port_text)
-                targets.append(
-                    ProbeTarget(
-                        region=region,
-                        service=service,
-                        kind=kind,
-                        url=t.url if kind == "http" else None,
-                        host=host,
-                        port=port,
-                        interval_s=t.interval_s or defaults.interval_s,
-                        timeout_s=t.timeout_s or defaults.timeout_s,
-                        rise=t.rise or defaults.rise,
-                        fall=t.fall or defaults.fall,
-                        expect_status=t.expect_status or defaults.expect_status or DEFAULT_EXPECT_STATUS,
-                    )
-                )
-    return targets
 
 
 def resolve_agent_id(settings: Settings, agent_id: str | None) -> str:
@@ -94,52 +61,11 @@ def resolve_tokens(settings: Settings) -> Tokens:
     return Tokens(admin=values["admin_token"], read=values["read_token"])
 
 
-def make_store(
-    settings: Settings, agent_id: str, data_dir: Path, dial: Mapping[str, str] | None = None
-) -> ControlStore:
-    backend = settings.model.backend
-    if backend.kind == "etcd":
-        from controlplane.consensus.etcd import EtcdStore
-
-        return EtcdStore.from_settings(settings, agent_id)
-    from controlplane.consensus.raft import RaftStore, RaftTimings
-
-    secret = settings.cluster.secret.resolve("cluster.secret")
-    raft = backend.raft
-    return RaftStore(
-        member_id=agent_id,
-        members={a.id: a.raft for a in settings.cluster.agents},
-        secret=secret,
-        data_dir=data_dir / "raft",
-        timings=RaftTimings(
-            election_timeout_min_s=raft.election_timeout_min_s,
-            election_timeout_max_s=raft.election_timeout_max_s,
-            heartbeat_s=raft.heartbeat_s,
-            leader_fallback_s=raft.leader_fallback_s,
-            commit_timeout_s=raft.commit_timeout_s,
-        ),
-        dial=dial,
-    )
-
-
-def dial_overrides() -> dict[str, str] | None:
-    text = os.environ.get(DIAL_ENV)
-    if not text:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError as e:
-        raise ConfigError([f"{DIAL_ENV}: not JSON ({e})"]) from e
-    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-        raise ConfigError([f"{DIAL_ENV}: must map member ids to host:port (got {text!r})"])
-    return {str(k): v for k, v in data.items()}
-
-
 async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     """Run one agent until SIGTERM/SIGINT; raises `TaskFailed` if a task dies."""
     me = settings.agent(agent_id)
     tokens = resolve_tokens(settings)
-    store = make_store(settings, agent_id, data_dir, dial_overrides())
+    store = make_store(settings, agent_id, data_dir)
     metrics = Metrics(agent_id)
     metrics.failover_budget.set(settings.policy.failover_budget_s)
     node = Node(settings=settings, agent_id=agent_id, store=store, metrics=metrics, tokens=tokens)

@@ -38,11 +38,11 @@ from typing import Any, Literal
 import aiohttp
 import yaml
 
-from controlplane.faultproxy import FaultProxy, ProxyMesh
-from controlplane.sim.backend import SimBackend
+from controlplane.testing.backend import SimBackend
+from controlplane.testing.faultproxy import FaultProxy, ProxyMesh
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=3.0)
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data
 
 
 _rng = random.SystemRandom()
@@ -210,6 +210,7 @@ class LocalCluster:
         if self.with_proxies:
             self.mesh = ProxyMesh({a["id"]: a["raft"] for a in self.config["cluster"]["agents"]})
             await self.mesh.start()
+            self._write_dial_configs(self.mesh)
         for a in self.config["cluster"]["agents"]:
             self.agents[a["id"]] = AgentProcess(
                 id=a["id"],
@@ -292,6 +293,18 @@ class LocalCluster:
             path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
             self.agent_config_paths[agent_id] = path
 
+    def _write_dial_configs(self, mesh: ProxyMesh) -> None:
+        """Per-agent configs whose `cluster.dial` sends this agent's Raft traffic through the mesh."""
+        assert self.workdir is not None and self.config_path is not None
+        for a in self.config["cluster"]["agents"]:
+            agent_id = a["id"]
+            source = self.agent_config_paths.get(agent_id, self.config_path)
+            config = yaml.safe_load(source.read_text(encoding="utf-8"))
+            config["cluster"]["dial"] = mesh.dial_map(agent_id)
+            path = self.workdir / f"cluster-{agent_id}.yaml"
+            path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+            self.agent_config_paths[agent_id] = path
+
     async def cut_observer(self, agent_id: str, region: str, mode: ObserverFault = "refuse") -> None:
         """Cut `agent_id`'s own path to `region` (listed in `observer_paths`).
 
@@ -330,8 +343,6 @@ class LocalCluster:
             "PYTHONUNBUFFERED": "1",
             **self.extra_env,
         }
-        if self.mesh is not None:
-            env["CONTROLPLANE_RAFT_DIAL"] = json.dumps(self.mesh.dial_map(agent_id))
         return env
 
     def start_agent(self, agent_id: str, extra_env: Mapping[str, str] | None = None) -> AgentProcess:

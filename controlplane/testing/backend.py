@@ -21,7 +21,7 @@ admin API on its own port, which no fault mode touches:
   "mode": "normal" | "blackhole" | "refuse", "flap_period_s": s}`; answers with the stats;
 - `GET /admin/stats`: the state and the request counters.
 
-`python -m controlplane.sim.backend --spec FILE` runs several backends in one process
+`python -m controlplane.testing.backend --spec FILE` runs several backends in one process
 (the spec is YAML or JSON, see `load_specs`), prints one JSON line with their ports when
 they are listening, and runs until SIGINT or SIGTERM.
 
@@ -441,7 +441,7 @@ async def serve(specs: Sequence[BackendSpec], stop: asyncio.Event | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m controlplane.sim.backend", description="Run simulated region backends."
+        prog="python -m controlplane.testing.backend", description="Run simulated region backends."
     )
     parser.add_argument("--spec", required=True, type=Path, help="YAML/JSON list of backends")
     args = parser.parse_args(argv)

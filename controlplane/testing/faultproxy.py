@@ -19,7 +19,7 @@ which forwards bytes both ways unless told otherwise.
 the address agent i should dial for each other member. It runs in-process, or as a
 separate process controlled over HTTP:
 
-    python -m controlplane.faultproxy --spec FILE --admin-port P
+    python -m controlplane.testing.faultproxy --spec FILE --admin-port P
 
 where FILE (YAML or JSON) is `{"members": {"a": "127.0.0.1:7001", ...}}`. When ready it
 prints one JSON line `{"admin_port": P, "dial_maps": {...}}`. Admin endpoints:
@@ -537,7 +537,7 @@ async def serve(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m controlplane.faultproxy", description="Run a fault-injecting proxy mesh."
+        prog="python -m controlplane.testing.faultproxy", description="Run a fault-injecting proxy mesh."
     )
     parser.add_argument("--spec", required=True, type=Path, help='YAML/JSON {"members": {...}}')
     parser.add_argument("--admin-port", type=int, default=0, help="0 picks a free port")
