@@ -27,6 +27,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check controlplane tests bench
 	$(BIN)/ruff format --check controlplane tests bench
 	$(BIN)/mypy --strict controlplane
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff format controlplane tests bench

@@ -1,1 +1,1 @@
-"""The agent's work beside the API: the node it serves, the loops that publish and decide, the revision feed."""
+"""The agent's work beside its API: the node, the loops that publish and decide, the feed."""
