@@ -14,19 +14,19 @@ import pytest
 
 from controlplane.errors import RuntimeApiError
 from controlplane.lb.haproxy import RuntimeApi
-from controlplane.testing.localcluster import LocalCluster
+from controlplane.testing.inprocess import InProcessCluster
 from tests.acceptance.lb_fixtures import NGINX_TEMPLATE, eventually, free_port, require_binary
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.asyncio(loop_scope="module")]
 
 
-async def text_of(cluster: LocalCluster, agent: str, path: str) -> tuple[int, str, dict[str, str]]:
+async def text_of(cluster: InProcessCluster, agent: str, path: str) -> tuple[int, str, dict[str, str]]:
     async with cluster.session.get(cluster.agents[agent].url + path) as r:
         return r.status, await r.text(), dict(r.headers)
 
 
 async def test_haproxy_format_is_accepted_by_a_real_runtime_socket(
-    cluster: LocalCluster, agents: list[str], tmp_path: Path
+    cluster: InProcessCluster, agents: list[str], tmp_path: Path
 ) -> None:
     haproxy = require_binary("haproxy", "haproxy")
     status, _, regions = await cluster.get(agents[0], "/v1/regions")
@@ -77,7 +77,9 @@ async def test_haproxy_format_is_accepted_by_a_real_runtime_socket(
         await asyncio.to_thread(proc.wait, 10)
 
 
-async def test_nginx_format_passes_nginx_t(cluster: LocalCluster, agents: list[str], tmp_path: Path) -> None:
+async def test_nginx_format_passes_nginx_t(
+    cluster: InProcessCluster, agents: list[str], tmp_path: Path
+) -> None:
     nginx = require_binary("nginx", "nginx")
     status, block, _ = await text_of(cluster, agents[1], "/v1/weights/order?format=nginx")
     assert status == 200, block
@@ -108,7 +110,7 @@ async def test_nginx_format_passes_nginx_t(cluster: LocalCluster, agents: list[s
 
 
 async def test_envoy_format_has_the_shape_of_a_cluster_load_assignment(
-    cluster: LocalCluster, agents: list[str]
+    cluster: InProcessCluster, agents: list[str]
 ) -> None:
     status, _, cla = await cluster.get(agents[2], "/v1/weights/order?format=envoy")
     assert status == 200

@@ -1,4 +1,4 @@
-"""The HTTP API against a real 3-agent cluster: blocking reads, SSE, writes, validation."""
+"""The HTTP API of three in-process agents: blocking reads, SSE, writes, validation."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from controlplane.testing.localcluster import LocalCluster
+from controlplane.testing.inprocess import InProcessCluster
 
-pytestmark = [pytest.mark.acceptance, pytest.mark.asyncio(loop_scope="module")]
+pytestmark = [pytest.mark.asyncio(loop_scope="module")]
 
 
-async def revision(cluster: LocalCluster, agent: str) -> int:
+async def revision(cluster: InProcessCluster, agent: str) -> int:
     d = await cluster.decision(agent)
     assert d is not None
     return int(d["revision"])
@@ -27,7 +27,7 @@ async def get_json(session: aiohttp.ClientSession, url: str, **kw: Any) -> tuple
 
 
 async def test_blocking_query_returns_after_a_commit_and_not_before(
-    cluster: LocalCluster, agents: list[str]
+    cluster: InProcessCluster, agents: list[str]
 ) -> None:
     reader, writer = agents[0], agents[1]
     before = await revision(cluster, reader)
@@ -57,7 +57,7 @@ async def test_blocking_query_returns_after_a_commit_and_not_before(
 
 
 async def test_blocking_query_ends_at_its_wait_with_the_same_revision(
-    cluster: LocalCluster, agents: list[str]
+    cluster: InProcessCluster, agents: list[str]
 ) -> None:
     current = await revision(cluster, agents[0])
     start = time.monotonic()
@@ -69,7 +69,7 @@ async def test_blocking_query_ends_at_its_wait_with_the_same_revision(
     assert body["revision"] == current
 
 
-async def test_etag_gives_304(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_etag_gives_304(cluster: InProcessCluster, agents: list[str]) -> None:
     url = f"{cluster.agents[agents[0]].url}/v1/decision"
     status, headers, _ = await get_json(cluster.session, url)
     assert status == 200
@@ -78,7 +78,7 @@ async def test_etag_gives_304(cluster: LocalCluster, agents: list[str]) -> None:
     assert headers2["X-Controlplane-Revision"] == headers["X-Controlplane-Revision"]
 
 
-async def test_sse_watcher_sees_every_revision_in_order(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_sse_watcher_sees_every_revision_in_order(cluster: InProcessCluster, agents: list[str]) -> None:
     url = f"{cluster.agents[agents[2]].url}/v1/watch"
     seen: list[int] = []
 
@@ -117,7 +117,7 @@ async def test_sse_watcher_sees_every_revision_in_order(cluster: LocalCluster, a
 
 
 async def test_drain_then_undrain_moves_and_restores_weights(
-    cluster: LocalCluster, agents: list[str]
+    cluster: InProcessCluster, agents: list[str]
 ) -> None:
     base = (await cluster.decision(agents[0]))["services"]["order"]  # type: ignore[index]
     status, body = await cluster.post(
@@ -184,7 +184,7 @@ BAD_WRITES: list[tuple[str, Any, dict[str, str], int]] = [
 
 @pytest.mark.parametrize(("case", "body", "headers", "status"), BAD_WRITES, ids=[c[0] for c in BAD_WRITES])
 async def test_bad_writes_are_refused_and_change_nothing(
-    cluster: LocalCluster, agents: list[str], case: str, body: Any, headers: dict[str, str], status: int
+    cluster: InProcessCluster, agents: list[str], case: str, body: Any, headers: dict[str, str], status: int
 ) -> None:
     before = await revision(cluster, agents[0])
     intents_before = (await cluster.get(agents[0], "/v1/intents"))[2]
@@ -205,7 +205,9 @@ async def test_bad_writes_are_refused_and_change_nothing(
     assert (await cluster.get(agents[0], "/v1/intents"))[2] == intents_before
 
 
-async def test_draining_the_last_serving_region_is_refused(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_draining_the_last_serving_region_is_refused(
+    cluster: InProcessCluster, agents: list[str]
+) -> None:
     ids = []
     for region in ("cn-east", "cn-south"):
         status, body = await cluster.post(
@@ -230,7 +232,7 @@ async def test_draining_the_last_serving_region_is_refused(cluster: LocalCluster
     assert all(i["id"] not in ids for i in listing["intents"])
 
 
-async def test_too_large_body_is_refused(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_too_large_body_is_refused(cluster: InProcessCluster, agents: list[str]) -> None:
     before = await revision(cluster, agents[0])
     huge = {"kind": "freeze", "reason": "x" * 200_000}
     async with cluster.session.post(
@@ -242,7 +244,7 @@ async def test_too_large_body_is_refused(cluster: LocalCluster, agents: list[str
     assert await revision(cluster, agents[0]) == before
 
 
-async def test_plan_commits_nothing(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_plan_commits_nothing(cluster: InProcessCluster, agents: list[str]) -> None:
     before = await revision(cluster, agents[0])
     status, body = await cluster.post(agents[0], "/v1/plan", {"fail": ["cn-east"]}, token=None)
     assert status == 200, body
@@ -257,7 +259,7 @@ async def test_plan_commits_nothing(cluster: LocalCluster, agents: list[str]) ->
     assert status == 400
 
 
-async def test_weights_json_and_unknown_service(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_weights_json_and_unknown_service(cluster: InProcessCluster, agents: list[str]) -> None:
     status, headers, body = await cluster.get(agents[0], "/v1/weights/order")
     assert status == 200
     assert sum(body["weights"].values()) == 100
@@ -268,7 +270,7 @@ async def test_weights_json_and_unknown_service(cluster: LocalCluster, agents: l
     assert status == 400
 
 
-async def test_history_is_newest_first_and_pages(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_history_is_newest_first_and_pages(cluster: InProcessCluster, agents: list[str]) -> None:
     status, _, page = await cluster.get(agents[0], "/v1/history?limit=2")
     assert status == 200 and len(page["entries"]) == 2
     ats = [e["at"] for e in page["entries"]]
@@ -280,7 +282,9 @@ async def test_history_is_newest_first_and_pages(cluster: LocalCluster, agents: 
     assert status == 400
 
 
-async def test_regions_and_cluster_describe_the_deployment(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_regions_and_cluster_describe_the_deployment(
+    cluster: InProcessCluster, agents: list[str]
+) -> None:
     status, _, body = await cluster.get(agents[0], "/v1/regions")
     assert status == 200
     assert [r["name"] for r in body["regions"]] == ["cn-east", "cn-south", "cn-north"]
@@ -291,7 +295,7 @@ async def test_regions_and_cluster_describe_the_deployment(cluster: LocalCluster
 
 
 async def test_a_retried_intent_with_the_same_id_commits_once(
-    cluster: LocalCluster, agents: list[str]
+    cluster: InProcessCluster, agents: list[str]
 ) -> None:
     body = {"kind": "feature", "name": "likes", "enabled": False, "reason": "retry", "id": "retry-test-0001"}
     status, first = await cluster.post(agents[0], "/v1/intents", body)
@@ -311,7 +315,7 @@ async def test_a_retried_intent_with_the_same_id_commits_once(
 
 
 async def test_delete_answers_with_the_revision_without_the_intent(
-    cluster: LocalCluster, agents: list[str]
+    cluster: InProcessCluster, agents: list[str]
 ) -> None:
     status, body = await cluster.post(agents[0], "/v1/intents", {"kind": "freeze", "reason": "delete test"})
     assert status == 201, body
@@ -327,7 +331,7 @@ async def test_delete_answers_with_the_revision_without_the_intent(
     assert d is not None and d["frozen"] is False
 
 
-async def test_plan_reports_what_would_be_refused(cluster: LocalCluster, agents: list[str]) -> None:
+async def test_plan_reports_what_would_be_refused(cluster: InProcessCluster, agents: list[str]) -> None:
     intents = [{"kind": "drain", "region": r, "reason": "plan"} for r in ("cn-east", "cn-south", "cn-north")]
     status, body = await cluster.post(agents[0], "/v1/plan", {"intents": intents}, token=None)
     assert status == 200, body

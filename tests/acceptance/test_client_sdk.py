@@ -7,16 +7,16 @@ import signal
 import pytest
 
 from controlplane.client import FlagsClient
-from controlplane.testing.localcluster import LocalCluster
-from tests.api.conftest import api_config, settled
+from controlplane.testing.localcluster import LocalCluster, remap_ports
+from tests.api.conftest import api_config
 
 pytestmark = [pytest.mark.acceptance]
 
 
 async def test_client_follows_changes_and_keeps_last_known_flags_when_agents_die() -> None:
-    async with LocalCluster(api_config()) as c:
+    async with LocalCluster(remap_ports(api_config())) as c:
         await c.wait_ready(60)
-        await settled(c)
+        await c.settled()
         agents = list(c.agents)
         async with FlagsClient([c.agents[a].url for a in agents], wait_s=2, backoff_max_s=0.5) as flags:
             assert await flags.wait_for_revision(0, 10)
