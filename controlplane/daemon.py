@@ -89,6 +89,7 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
 
 async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> None:
     store, metrics, agent_id = node.store, node.metrics, node.agent_id
+    store.on_task_failure = sup.fail
     await store.start()  # creates the data dir
     sup.on_stop("store", store.close)
     probes = settings.model.probes
@@ -124,6 +125,7 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
         session=session,
         slow_ms=settings.policy.slow_ms,
         max_concurrency=probes.max_concurrency,
+        on_task_failure=sup.fail,
     )
     await prober.start()
     sup.on_stop("prober", prober.stop)

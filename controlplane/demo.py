@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane.tasks import spawn
 from controlplane.testing.etcdlocal import EtcdUnavailable, LocalEtcd
 from controlplane.testing.loadbalancer import SimLoadBalancer
 from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
@@ -155,7 +156,7 @@ async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer) -> int:
     marks: dict[float, str] = {}
     revisions: dict[float, str] = {}
     problems: list[str] = []
-    follower = asyncio.create_task(follow_revisions(cluster, revisions))
+    follower = spawn("demo follow revisions", follow_revisions(cluster, revisions))
     try:
         await asyncio.sleep(3)
         out()

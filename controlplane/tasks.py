@@ -31,12 +31,12 @@ log = logging.getLogger(__name__)
 FailureHandler = Callable[[TaskFailed], None]
 
 
-def _log_failure(failure: TaskFailed) -> None:
+def log_failure(failure: TaskFailed) -> None:
     log.critical("%s", failure, exc_info=failure.cause)
 
 
 def spawn(
-    name: str, coro: Coroutine[Any, Any, Any], on_failure: FailureHandler = _log_failure
+    name: str, coro: Coroutine[Any, Any, Any], on_failure: FailureHandler = log_failure
 ) -> asyncio.Task[Any]:
     """Run `coro` as a task named `name` that is meant to run until cancelled.
 
@@ -113,6 +113,10 @@ class Supervisor:
     @property
     def failure(self) -> TaskFailed | None:
         return self._failure
+
+    def fail(self, failure: TaskFailed) -> None:
+        """Stop everything because `failure` happened (also the handler for `spawn`)."""
+        self._on_failure(failure)
 
     def _on_failure(self, failure: TaskFailed) -> None:
         if self._stopping.is_set():

@@ -37,10 +37,18 @@ from collections.abc import Callable, Sequence
 from controlplane.errors import StoreError
 from controlplane.model import Decision, Intent, Observation
 from controlplane.state import ControlState, StoreStatus
+from controlplane.tasks import FailureHandler, log_failure
 
 
 class ControlStore(abc.ABC):
-    """One member's handle on the replicated control state."""
+    """One member's handle on the replicated control state.
+
+    A backend that runs tasks of its own starts them with `tasks.spawn` and hands a task
+    that dies to `on_task_failure` (the daemon sets it to stop the agent; by default the
+    failure is logged at CRITICAL).
+    """
+
+    on_task_failure: FailureHandler = log_failure
 
     @abc.abstractmethod
     async def start(self) -> None:

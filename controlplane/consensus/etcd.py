@@ -46,7 +46,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -83,6 +83,7 @@ from controlplane.consensus.etcd_view import (
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
 from controlplane.model import Decision, Intent, Observation, decision_from_json
 from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, MemberStatus, StoreStatus
+from controlplane.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +209,8 @@ class EtcdStore(ControlStore):
         self._spawn("watch", self._watch_loop())
         self._spawn("session", self._session.run())
 
-    def _spawn(self, name: str, work: Awaitable[None]) -> None:
-        task = asyncio.ensure_future(work)
-        task.set_name(f"etcd-{name}:{self.member_id}")
-        self._tasks[name] = task
+    def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
+        self._tasks[name] = spawn(f"etcd {name} of {self.member_id}", work, self.on_task_failure)
 
     async def close(self) -> None:
         if self._closed:

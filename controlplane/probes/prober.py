@@ -38,6 +38,7 @@ from controlplane.model import Observation
 from controlplane.probes import checks
 from controlplane.probes.health import TargetHealth, is_slow, summarize
 from controlplane.probes.target import ProbeResult, ProbeTarget
+from controlplane.tasks import FailureHandler, log_failure, spawn
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,9 @@ class Prober:
     observation per (region, service) whose up/down or slow status changed. `on_result`
     is called synchronously after every probe, for metrics. `wall_clock` stamps
     observations; `rng` only decides start offsets. With no `session`, the prober opens
-    its own (no connection reuse) and closes it in `stop()`.
+    its own (no connection reuse) and closes it in `stop()`. A probing task that dies
+    is handed to `on_task_failure` (the daemon stops the agent: an agent that does not
+    probe must not keep reporting stale observations).
     """
 
     def __init__(
@@ -72,6 +75,7 @@ class Prober:
         callback_timeout_s: float = 10.0,
         retry_s: float = 1.0,
         rng: random.Random | None = None,
+        on_task_failure: FailureHandler = log_failure,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 (got {max_concurrency})")
@@ -89,6 +93,7 @@ class Prober:
         self._callback_timeout_s = callback_timeout_s
         self._retry_s = retry_s
         self._rng = rng or random.Random()
+        self.on_task_failure = on_task_failure
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._health = {t: TargetHealth.of(t) for t in self.targets}
         self._groups: dict[ServiceKey, list[ProbeTarget]] = {}
@@ -106,10 +111,10 @@ class Prober:
         """Start one probing task per target and the notifier."""
         if self._tasks:
             raise RuntimeError("prober already started")
-        self._tasks.append(asyncio.create_task(self._notify_loop(), name="prober notifier"))
+        self._tasks.append(spawn("prober notifier", self._notify_loop(), self.on_task_failure))
         for target in self.targets:
             name = f"probe {target.region}/{target.service} {target.address}"
-            self._tasks.append(asyncio.create_task(self._probe_loop(target), name=name))
+            self._tasks.append(spawn(name, self._probe_loop(target), self.on_task_failure))
 
     async def stop(self) -> None:
         """Cancel and await every task; close the session if this prober opened it."""
