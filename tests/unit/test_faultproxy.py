@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from controlplane import faultproxy
+from controlplane.testing import faultproxy
 from controlplane.testing.faultproxy import FaultProxy, ProxyMesh
 
 
