@@ -648,10 +648,9 @@ def test_make_store_lists_every_problem_with_its_field(tmp_path: pathlib.Path) -
     ]
 
 
-def test_make_store_needs_the_etcd_section() -> None:
-    settings = parse_settings(dict(SETTINGS))
+def test_the_etcd_backend_needs_the_etcd_section() -> None:
     with pytest.raises(ConfigError) as refused:
-        make_store(settings, "a1", pathlib.Path("/nonexistent"))
+        parse_settings({**SETTINGS, "backend": {"kind": "etcd"}})
     assert refused.value.problems[0].startswith("backend.etcd:")
 
 
