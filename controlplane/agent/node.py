@@ -42,7 +42,7 @@ class Node:
     encoded: tuple[int, bytes, bytes] | None = None
 
     def __post_init__(self) -> None:
-        self.feed = RevisionFeed(self.store)
+        self.feed = RevisionFeed(self.store, lambda: self.stale_for_s() is not None)
 
     @contextlib.contextmanager
     def watcher(self) -> Iterator[None]:

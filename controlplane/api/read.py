@@ -24,9 +24,20 @@ from controlplane.errors import NotFound, Rejected
 from controlplane.model import Decision, decision_to_json, observation_to_json
 
 
-def decision_headers(request: web.Request, revision: int) -> dict[str, str]:
+def position(decision: Decision) -> str:
+    """Where a decision stands: `epoch.revision`, or the bare revision before epochs existed.
+
+    The ETag and the SSE event id; a rebuilt cluster (new epoch) never matches an old one.
+    """
+    return f"{decision.epoch}.{decision.revision}" if decision.epoch else str(decision.revision)
+
+
+def decision_headers(request: web.Request, decision: Decision) -> dict[str, str]:
     node = request.app[NODE]
-    headers = {"X-Controlplane-Revision": str(revision), "ETag": f'"{revision}"'}
+    revision = decision.revision
+    headers = {"X-Controlplane-Revision": str(revision), "ETag": f'"{position(decision)}"'}
+    if decision.epoch:
+        headers["X-Controlplane-Epoch"] = decision.epoch
     stale = node.stale_for_s()
     if stale is not None:
         headers["X-Controlplane-Stale"] = f"{stale:.1f}"
@@ -58,7 +69,7 @@ def encoded_decision(request: web.Request, decision: Decision) -> tuple[bytes, b
     if fresh and cached is not None and cached[0] == decision.revision:
         return cached[1], cached[2]
     data = orjson.dumps(decision_body(request, decision))
-    event = b"id: %d\nevent: decision\ndata: %s\n\n" % (decision.revision, data)
+    event = b"id: %s\nevent: decision\ndata: %s\n\n" % (position(decision).encode(), data)
     if fresh:
         node.encoded = (decision.revision, data, event)
     return data, event
@@ -79,6 +90,9 @@ def parse_wait(text: str | None, default_s: float, max_s: float) -> float:
     return min(float(match.group(1)) * UNITS[match.group(2)], max_s)
 
 
+EPOCH_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
 def parse_index(text: str | None) -> int | None:
     if text is None:
         return None
@@ -87,29 +101,54 @@ def parse_index(text: str | None) -> int | None:
     return int(text)
 
 
+def parse_epoch(text: str | None) -> str | None:
+    if text is None:
+        return None
+    if EPOCH_RE.match(text) is None:
+        raise Rejected("bad epoch", f"epoch must be the one a decision carries (got {text[:80]!r})")
+    return text
+
+
+def parse_position(text: str | None) -> tuple[str | None, int | None]:
+    """An SSE `Last-Event-ID`: `epoch.revision` or a bare revision."""
+    if text is None:
+        return None, None
+    epoch, dot, revision = text.rpartition(".")
+    return (parse_epoch(epoch) if dot else None), parse_index(revision)
+
+
 async def blocking_decision(request: web.Request) -> Decision | None:
     """The served decision; with `?index=N`, wait (bounded) until it passes N.
 
+    With `&epoch=E` (the epoch of the caller's revision N), a decision of another epoch
+    is answered at once: the cluster was rebuilt and its revisions started again. An
+    agent that has lost quorum answers at once too (stale), and so does a waiting query
+    the moment its agent loses quorum, so that the caller moves to an agent with quorum.
     Jitter up to 1/16 of the wait, as Consul does, so that many clients with the same
     wait do not all come back in the same instant.
     """
     node = request.app[NODE]
     index = parse_index(request.query.get("index"))
+    epoch = parse_epoch(request.query.get("epoch"))
     max_wait = node.settings.model.api.max_wait_s
     wait_s = parse_wait(request.query.get("wait"), 30.0, max_wait)
     decision = node.state().decision
-    if index is None or (decision is not None and decision.revision > index):
+    if index is None or node.feed.stale():
+        return decision
+    if decision is not None and (
+        decision.revision > index or (epoch is not None and decision.epoch != epoch)
+    ):
         return decision
     wait_s = min(max_wait, wait_s + random.uniform(0, wait_s / 16))
     with node.watcher():
-        return await node.feed.wait_past(index, wait_s)
+        return await node.feed.wait_past(index, wait_s, epoch=epoch, stale=False)
 
 
 async def get_decision(request: web.Request) -> web.StreamResponse:
     decision = await blocking_decision(request)
     if decision is None:
         return error_response(503, "no decision yet", "the cluster has not committed a decision yet")
-    headers = decision_headers(request, decision.revision)
+    headers = decision_headers(request, decision)
     if request.headers.get("If-None-Match") == headers["ETag"] and "index" not in request.query:
         return web.Response(status=304, headers=headers)
     body, _ = encoded_decision(request, decision)
@@ -201,7 +240,7 @@ async def get_features(request: web.Request) -> web.StreamResponse:
         "shed_fraction": decision.shed_fraction,
         "stale": node.stale_for_s() is not None,
     }
-    return json_response(body, headers=decision_headers(request, decision.revision))
+    return json_response(body, headers=decision_headers(request, decision))
 
 
 HEARTBEAT_S = 15.0
@@ -215,8 +254,10 @@ async def watch(request: web.Request) -> web.StreamResponse:
     is sent first. A client that stops reading is dropped after a bounded write wait.
     """
     node = request.app[NODE]
-    last = parse_index(request.headers.get("Last-Event-ID") or request.query.get("index"))
+    epoch, last = parse_position(request.headers.get("Last-Event-ID") or request.query.get("index"))
+    epoch = parse_epoch(request.query.get("epoch")) or epoch
     after = -1 if last is None else last
+    stale = False  # what the stream last said; the current state is sent first
     with node.watcher():
         response = web.StreamResponse(
             headers={
@@ -227,14 +268,35 @@ async def watch(request: web.Request) -> web.StreamResponse:
         )
         await response.prepare(request)
         while True:
-            decision = await node.feed.wait_past(after, HEARTBEAT_S)
-            if decision is not None and decision.revision > after:
+            decision = await node.feed.wait_past(after, HEARTBEAT_S, epoch=epoch, stale=stale)
+            now_stale = node.feed.stale()
+            if decision is not None and (decision.revision > after or decision.epoch != (epoch or "")):
                 _, chunk = encoded_decision(request, decision)
-                after = decision.revision
+                after, epoch, stale = decision.revision, decision.epoch, now_stale
+            elif now_stale != stale:
+                # No new revision, but the agent lost (or regained) quorum: say so now.
+                chunk = staleness_event(request, decision, now_stale)
+                stale = now_stale
             else:
                 chunk = b": heartbeat\n\n"
             async with asyncio.timeout(SSE_WRITE_TIMEOUT_S):
                 await response.write(chunk)
+
+
+def staleness_event(request: web.Request, decision: Decision | None, stale: bool) -> bytes:
+    """An SSE `stale` (or `fresh`) event: this agent lost (or regained) quorum."""
+    node = request.app[NODE]
+    stale_s = node.stale_for_s()
+    data = orjson.dumps(
+        {
+            "stale": stale,
+            "stale_s": None if stale_s is None else round(stale_s, 1),
+            "revision": decision.revision if decision else None,
+            "epoch": decision.epoch if decision else None,
+            "served_by": node.agent_id,
+        }
+    )
+    return b"event: %s\ndata: %s\n\n" % (b"stale" if stale else b"fresh", data)
 
 
 FORMATS = ("json", "haproxy", "nginx", "envoy")
@@ -253,7 +315,7 @@ async def get_weights(request: web.Request) -> web.StreamResponse:
     decision = await blocking_decision(request)
     if decision is None:
         return error_response(503, "no decision yet", "the cluster has not committed a decision yet")
-    headers = decision_headers(request, decision.revision)
+    headers = decision_headers(request, decision)
     placements = decision.services.get(service, {})
     if fmt == "json":
         body = {
