@@ -267,8 +267,8 @@ def test_slow_region_is_degraded_and_keeps_part_of_its_share(world: World) -> No
     assert world.states()["cn-east"] == "degraded"
     assert world.weights() == {"cn-east": 20, "cn-south": 44, "cn-north": 36}
     assert (
-        "cn-east/order degraded: 3 of 3 observers see it slow (above 1000 ms to degrade, below 800 ms to restore); "
-        "weight scaled by 0.5" in d.reasons
+        "cn-east/order degraded: 3 of 3 observers see it slow (above 1000 ms to degrade, "
+        "below 800 ms to restore); weight scaled by 0.5" in d.reasons
     )
 
 
