@@ -98,20 +98,45 @@ def quorum_for(policy: Policy, fresh: int) -> int:
     return fresh // 2 + 1
 
 
-def find_impaired(policy: Policy, views: Mapping[str, list[Observation]]) -> dict[str, str]:
-    """Observers whose own view is not evidence, with the reason in words."""
+def find_impaired(
+    policy: Policy, latest: Mapping[tuple[str, str], Mapping[str, Observation]]
+) -> dict[str, str]:
+    """Observers whose own view is not evidence, with the reason in words.
+
+    `latest` holds each observer's latest fresh observation per (service, region).
+    decide() runs this over every observation, so the common case (nobody flagged,
+    everybody sees something up) is one cheap pass.
+    """
+    saw_up: set[str] = set()
+    down_in: dict[str, set[str]] = {}
+    flagged = False
+    homes = policy.observers
+    for (_, region), by_observer in latest.items():
+        for observer, o in by_observer.items():
+            if o.up:
+                saw_up.add(observer)
+            elif observer in homes:
+                down_in.setdefault(observer, set()).add(region)
+            if o.impaired:
+                flagged = True
     out: dict[str, str] = {}
-    regions = {r.name for r in policy.regions}
-    for observer, seen in views.items():
-        latest = max(o.at for o in seen)
-        flagged = sorted({o.impaired for o in seen if o.at == latest and o.impaired})
-        if flagged:
-            out[observer] = "; ".join(flagged)
-            continue
-        home = policy.observers.get(observer)
-        if home is None or any(o.up for o in seen):
-            continue
-        if {o.region for o in seen} >= regions:
+    if flagged:
+        # Self-flagged: only an observer's newest word counts (the lag may be over).
+        newest: dict[str, float] = {}
+        flags: dict[str, set[str]] = {}
+        for by_observer in latest.values():
+            for observer, o in by_observer.items():
+                at = newest.get(observer)
+                if at is None or o.at > at:
+                    newest[observer] = at = o.at
+                    flags.pop(observer, None)
+                if o.impaired and o.at == at:
+                    flags.setdefault(observer, set()).add(o.impaired)
+        out = {observer: "; ".join(sorted(why)) for observer, why in flags.items()}
+    regions = len(policy.regions)
+    for observer, seen in down_in.items():
+        # Every region down, so its own home region too (homes are configured regions).
+        if observer not in out and observer not in saw_up and len(seen) >= regions:
             out[observer] = "reports every pair down, its own region included"
     return out
 
@@ -122,27 +147,32 @@ def assess(policy: Policy, observations: Iterable[Observation], now: float) -> A
     A pair with no fresh observation from a counted observer, or without a quorum
     either way, is `UNKNOWN`; the caller decides what that means.
     """
+    ttl = policy.observation_ttl_s
     latest: dict[tuple[str, str], dict[str, Observation]] = {}
+    observers: set[str] = set()
     for o in observations:
-        if not is_fresh(o, policy, now):
+        # is_fresh(), inlined: this loop sees every observation of every agent.
+        if not -ttl <= now - o.at <= ttl:
             continue
         by_observer = latest.setdefault((o.service, o.region), {})
         seen = by_observer.get(o.observer)
-        if seen is None or seen.at < o.at:
+        if seen is None:
+            by_observer[o.observer] = o
+            observers.add(o.observer)
+        elif seen.at < o.at:
             by_observer[o.observer] = o
 
-    views: dict[str, list[Observation]] = {}
-    for by_observer in latest.values():
-        for observer, o in by_observer.items():
-            views.setdefault(observer, []).append(o)
-    impaired = find_impaired(policy, views)
-    live = len(views) - len(impaired)
+    impaired = find_impaired(policy, latest)
+    live = len(observers) - len(impaired)
     quorum = quorum_for(policy, live)
     out: dict[tuple[str, str], Judgement] = {}
     for service in policy.services:
         for region in policy.regions_of(service):
             by_observer = latest.get((service, region.name), {})
-            counted = [o for name, o in by_observer.items() if name not in impaired]
+            if impaired:
+                counted = [o for name, o in by_observer.items() if name not in impaired]
+            else:
+                counted = list(by_observer.values())
             out[(service, region.name)] = _judge_one(policy, counted, live, quorum)
     return Assessment(judgements=out, impaired=dict(sorted(impaired.items())), live=live)
 
