@@ -17,9 +17,11 @@ A verdict changes only when a quorum agrees: `DOWN` needs a quorum of down repor
 An observer is **impaired**, and counted neither as a witness nor as live, when it says
 so itself (`Observation.impaired`, for example when its probe deadlines fired late
 because its own process lagged), or when every fresh observation it has is down and
-they cover every region, its own home region included. An agent cannot reach nothing
-at all, its own region included, unless the fault is in the agent; an agent cut off
-from the other regions still sees its own region up and remains a witness.
+they cover every region, its own home region included, while another (unimpaired)
+observer sees something up. An agent that reaches nothing at all, its own region
+included, while others do, is itself the fault; an agent cut off from the other regions
+still sees its own region up and remains a witness; and when every observer sees
+everything down they agree, their view counts, and the panic rule decides.
 """
 
 from __future__ import annotations
@@ -65,8 +67,7 @@ class Judgement:
 
     def not_down_sentence(self) -> str:
         what = f"report {self.error}" if self.error else "report it down"
-        quorum = f"{self.quorum} of {self.configured} configured" if self.configured else f"{self.quorum}"
-        return f"{self.down} of {self.fresh} observers {what}, quorum is {quorum}: not down"
+        return f"{self.down} of {self.fresh} observers {what}, quorum is {self.quorum}: not down"
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,9 +135,12 @@ def find_impaired(
                     flags.setdefault(observer, set()).add(o.impaired)
         out = {observer: "; ".join(sorted(why)) for observer, why in flags.items()}
     regions = len(policy.regions)
+    others_see_up = bool(saw_up - out.keys())
     for observer, seen in down_in.items():
-        # Every region down, so its own home region too (homes are configured regions).
-        if observer not in out and observer not in saw_up and len(seen) >= regions:
+        # Every region down, so its own home region too (homes are configured regions),
+        # while an unimpaired observer sees something up. When they all see everything
+        # down the view is unanimous: then it is evidence, and the panic rule decides.
+        if observer not in out and observer not in saw_up and len(seen) >= regions and others_see_up:
             out[observer] = "reports every pair down, its own region included"
     return out
 
