@@ -487,12 +487,14 @@ def _check_detection(raw: Mapping[str, Any]) -> list[str]:
             continue  # the structure check reports the bad value
 
         if ttl is not None:
-            bound = 1.5 * (interval + timeout + COMMIT_ALLOWANCE_S)
+            # ttl > interval + timeout + commit + ttl x REFRESH_FRACTION, solved for ttl.
+            factor = 1 / (1 - REFRESH_FRACTION)
+            bound = factor * (interval + timeout + COMMIT_ALLOWANCE_S)
             if ttl <= bound:
                 at, got = _field_at(where, t, own, "interval_s", "timeout_s")
                 problems.append(
                     f"{at}: observations would expire between probes: policy.observation_ttl_s {ttl:g} "
-                    f"must exceed 1.5 x (interval_s {interval:g} + timeout_s {timeout:g} + "
+                    f"must exceed {factor:g} x (interval_s {interval:g} + timeout_s {timeout:g} + "
                     f"{COMMIT_ALLOWANCE_S:g} s to commit) = {round(bound, 2):g} s (got {got:g})"
                 )
         if budget is not None:
