@@ -175,6 +175,11 @@ class PolicyConfig(_Strict):
     observer_quorum: Annotated[int, Field(ge=1)] | None = None
     observation_ttl_s: PositiveFloat = 10.0
     min_healthy_regions: Annotated[int, Field(ge=1)] = 1
+    # Panic when fewer regions than this would serve a service (1: when none would).
+    panic_below: Annotated[int, Field(ge=1)] = 1
+    # DOWN verdicts this close to the decision entering panic are one correlated fault;
+    # by default the slowest target's interval_s + timeout_s (see decide/panic.py).
+    panic_correlation_s: PositiveFloat | None = None
     recovery_hold_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
     ramp_steps: Annotated[tuple[Annotated[float, Field(gt=0, le=1)], ...], Field(min_length=1)] = (
         0.25,
@@ -187,6 +192,8 @@ class PolicyConfig(_Strict):
     utilization_high: Annotated[float, Field(gt=0, le=1)] = 0.8
     degraded_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
     restore_margin: Annotated[float, Field(ge=0, le=1)] = 0.1
+    # A degraded region is restored only below slow_ms (and utilization_high) x (1 - this).
+    degraded_margin: Annotated[float, Field(ge=0, lt=1)] = 0.2
     demand_rps: dict[Name, PositiveFloat] = {}
 
     @field_validator("ramp_steps")
@@ -379,6 +386,12 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
         problems.append(
             f"policy.min_healthy_regions: more than the {len(regions)} regions configured (got {mhr})"
         )
+    panic_below = policy.get("panic_below")
+    if isinstance(panic_below, int) and regions and panic_below > len(regions):
+        problems.append(
+            f"policy.panic_below: more than the {len(regions)} regions configured (got {panic_below})"
+        )
+    problems.extend(_check_detection(raw))
     quorum = policy.get("observer_quorum")
     if isinstance(quorum, int) and isinstance(agents, list) and quorum > len(agents):
         problems.append(f"policy.observer_quorum: more than the {len(agents)} agents (got {quorum})")
@@ -427,6 +440,92 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+# Time from an observer's last failed probe to a committed decision that load balancers
+# can read: delivering the observation, deciding, committing it through consensus.
+COMMIT_ALLOWANCE_S = 1.0
+# The agents refresh their observations in the store every observation_ttl_s / 3
+# (agent/daemon.py); an unchanged observation ages that much more before it is replaced.
+REFRESH_FRACTION = 1 / 3
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _field_at(
+    where: str, timing: Mapping[str, float | None], own: Mapping[str, bool], *fields: str
+) -> tuple[str, float]:
+    """The first of `fields` a target overrides (else the first), as path and value."""
+    chosen = next((f for f in fields if own.get(f)), fields[0])
+    return f"{where}.{chosen}", timing[chosen] or 0.0
+
+
+def _check_detection(raw: Mapping[str, Any]) -> list[str]:
+    """Probe timings that no decision could work with, for the defaults and every target.
+
+    - Freshness: an observation carries the time of its last probe and, unchanged, is
+      rewritten only by the periodic refresh, so just before it is replaced it is
+      interval_s + timeout_s (the next probe) + observation_ttl_s / 3 (the refresh) +
+      the commit old. If that exceeds observation_ttl_s, observers drop out of the
+      quorum between probes and a failover may never gather one:
+      observation_ttl_s > 1.5 x (interval_s + timeout_s + commit).
+    - Budget: a failure is acted on after at most fall x interval_s + timeout_s (the
+      fall-th failed probe, the first one starting up to an interval after the fault)
+      plus the commit, which must fit in policy.failover_budget_s.
+
+    Each problem is reported at the field to change: `probes.<field>` when the
+    target uses the default, the target's own field when it overrides it.
+    """
+
+    def mapping(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    policy = mapping(raw.get("policy"))
+    defaults = mapping(raw.get("probes"))
+    ttl = _number(policy.get("observation_ttl_s", 10.0))
+    budget = _number(policy.get("failover_budget_s", 30.0))
+    fallback = {"interval_s": 1.0, "timeout_s": 0.8, "fall": 3}
+    default = {k: _number(defaults.get(k, v)) for k, v in fallback.items()}
+    problems: list[str] = []
+    timings: list[tuple[str, dict[str, float | None], dict[str, bool]]] = [("probes", default, {})]
+    for region_name, region in mapping(raw.get("regions")).items():
+        for service_name, service in mapping(mapping(region).get("services")).items():
+            targets = mapping(service).get("targets")
+            for i, target in enumerate(targets if isinstance(targets, list) else []):
+                own = {k: k in mapping(target) for k in fallback}
+                if not any(own.values()):
+                    continue
+                values = {k: _number(mapping(target)[k]) if own[k] else default[k] for k in fallback}
+                timings.append((f"regions.{region_name}.services.{service_name}.targets[{i}]", values, own))
+    for where, t, own in timings:
+        interval, timeout, fall = t["interval_s"], t["timeout_s"], t["fall"]
+        if interval is None or timeout is None or fall is None:
+            continue  # the structure check reports the bad value
+
+        if ttl is not None:
+            # ttl > interval + timeout + commit + ttl x REFRESH_FRACTION, solved for ttl.
+            factor = 1 / (1 - REFRESH_FRACTION)
+            bound = factor * (interval + timeout + COMMIT_ALLOWANCE_S)
+            if ttl <= bound:
+                at, got = _field_at(where, t, own, "interval_s", "timeout_s")
+                problems.append(
+                    f"{at}: observations would expire between probes: policy.observation_ttl_s {ttl:g} "
+                    f"must exceed {factor:g} x (interval_s {interval:g} + timeout_s {timeout:g} + "
+                    f"{COMMIT_ALLOWANCE_S:g} s to commit) = {round(bound, 2):g} s (got {got:g})"
+                )
+        if budget is not None:
+            detection = fall * interval + timeout + COMMIT_ALLOWANCE_S
+            if detection > budget:
+                at, got = _field_at(where, t, own, "interval_s", "fall", "timeout_s")
+                problems.append(
+                    f"{at}: a failure takes fall {fall:g} x interval_s {interval:g} + "
+                    f"timeout_s {timeout:g} + {COMMIT_ALLOWANCE_S:g} s to commit = {round(detection, 2):g} s "
+                    f"to act on, more than "
+                    f"policy.failover_budget_s {budget:g} (got {got:g})"
+                )
+    return problems
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate keys instead of keeping the last one."""
 
@@ -456,6 +555,15 @@ def _build_policy(m: SettingsModel) -> Policy:
         base = {s: sc.weight or region.weight or capacity[s] for s, sc in region.services.items()}
         regions.append(RegionSpec(name=name, capacity_rps=capacity, base_weight=base))
     p = m.policy
+    correlation_s = p.panic_correlation_s
+    if correlation_s is None:
+        # One fault is seen on every target within one interval plus one timeout.
+        correlation_s = max(
+            (t.interval_s or m.probes.interval_s) + (t.timeout_s or m.probes.timeout_s)
+            for region in m.regions.values()
+            for service in region.services.values()
+            for t in service.targets
+        )
     return Policy(
         regions=tuple(regions),
         services=tuple(services),
@@ -475,6 +583,10 @@ def _build_policy(m: SettingsModel) -> Policy:
         utilization_high=p.utilization_high,
         degraded_factor=p.degraded_factor,
         restore_margin=p.restore_margin,
+        observers={a.id: a.region for a in m.cluster.agents},
+        panic_below=p.panic_below,
+        panic_correlation_s=correlation_s,
+        degraded_margin=p.degraded_margin,
     )
 
 

@@ -95,7 +95,9 @@ class Observation(Record):
 
     `up` already went through the probe's rise/fall counting. `latency_ms` is the last
     successful probe's latency, `utilization` what the target reported (0..1), `error`
-    the last failure in words ("connect timeout", "HTTP 503").
+    the last failure in words ("connect timeout", "HTTP 503"). `impaired` is set by an
+    observer that knows its own view is unreliable, in words ("probe deadlines fired
+    850 ms late"): `decide()` then does not count it as a witness.
     """
 
     observer: str
@@ -106,6 +108,7 @@ class Observation(Record):
     latency_ms: float | None = None
     utilization: float | None = None
     error: str | None = None
+    impaired: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,7 +182,17 @@ class FeatureSpec:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """Everything `decide()` needs besides observations, intents and the clock."""
+    """Everything `decide()` needs besides observations, intents and the clock.
+
+    `observers` maps each configured agent id to its home region (from
+    `cluster.agents`); when it is empty (policies built by hand) the quorum is a
+    majority of the live observers and no observer can be found impaired by its view.
+    `panic_below`: panic starts when fewer regions than this would serve a service.
+    `panic_correlation_s`: DOWN verdicts that began within this many seconds of the
+    decision that enters panic count as the same correlated fault. `degraded_margin`:
+    a degraded region is restored only below `slow_ms` (and `utilization_high`) times
+    (1 - margin).
+    """
 
     regions: tuple[RegionSpec, ...]
     services: tuple[str, ...]
@@ -196,6 +209,10 @@ class Policy:
     utilization_high: float = 0.8
     degraded_factor: float = 0.5
     restore_margin: float = 0.1
+    observers: Mapping[str, str] = field(default_factory=dict)
+    panic_below: int = 1
+    panic_correlation_s: float = 1.8
+    degraded_margin: float = 0.2
 
     _by_name: Mapping[str, RegionSpec] = field(init=False, repr=False, compare=False)
     _by_service: Mapping[str, tuple[RegionSpec, ...]] = field(init=False, repr=False, compare=False)
@@ -243,6 +260,9 @@ class Decision(Record):
     `next_review_at` is when time alone (hold expiry, ramp step) changes the outcome.
     `epoch` names the cluster state the revision counts in: chosen when that state was
     first created, so a rebuilt cluster (whose revisions start again) is told apart.
+    For each service in `panic_services`, `panic_regions` holds the regions the panic
+    may serve (before drains) and `panic_since` when the panic began; both are fixed
+    for as long as the panic lasts.
     """
 
     revision: int
@@ -260,6 +280,8 @@ class Decision(Record):
     committed_at: float = 0.0
     leader: str = ""
     epoch: str = ""
+    panic_regions: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    panic_since: Mapping[str, float] = field(default_factory=dict)
 
     def differs_only_in_reasons(self, other: Decision) -> bool:
         """Same weights, states, features and all, but other words for them."""
@@ -273,6 +295,8 @@ class Decision(Record):
             and self.shed_fraction == other.shed_fraction
             and self.panic == other.panic
             and self.panic_services == other.panic_services
+            and self.panic_regions == other.panic_regions
+            and self.panic_since == other.panic_since
             and self.frozen == other.frozen
             and self.reasons == other.reasons
             and self.intent_seq == other.intent_seq
@@ -297,6 +321,8 @@ def decision_to_json(decision: Decision) -> dict[str, Any]:
         "leader": decision.leader,
         "panic": decision.panic,
         "panic_services": list(decision.panic_services),
+        "panic_regions": {s: list(rs) for s, rs in decision.panic_regions.items()},
+        "panic_since": dict(decision.panic_since),
         "frozen": decision.frozen,
         "shed_fraction": decision.shed_fraction,
         "services": {
@@ -330,6 +356,8 @@ def decision_from_json(data: Mapping[str, Any]) -> Decision:
         leader=str(data.get("leader", "")),
         panic=bool(data.get("panic", False)),
         panic_services=tuple(str(x) for x in data.get("panic_services", ())),
+        panic_regions={str(s): tuple(str(r) for r in rs) for s, rs in data.get("panic_regions", {}).items()},
+        panic_since={str(s): float(t) for s, t in data.get("panic_since", {}).items()},
         frozen=bool(data.get("frozen", False)),
         shed_fraction=float(data.get("shed_fraction", 0.0)),
         services={
@@ -365,6 +393,7 @@ def observation_to_json(o: Observation) -> dict[str, Any]:
         "latency_ms": o.latency_ms,
         "utilization": o.utilization,
         "error": o.error,
+        "impaired": o.impaired,
     }
 
 
@@ -378,6 +407,7 @@ def observation_from_json(data: Mapping[str, Any]) -> Observation:
         latency_ms=None if data.get("latency_ms") is None else float(data["latency_ms"]),
         utilization=None if data.get("utilization") is None else float(data["utilization"]),
         error=None if data.get("error") is None else str(data["error"]),
+        impaired=None if data.get("impaired") is None else str(data["impaired"]),
     )
 
 

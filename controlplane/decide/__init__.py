@@ -7,14 +7,17 @@ can compute a what-if plan and tests can replay any situation.
 
 The order of the rules (DESIGN.md, "How a decision is made"):
 
-1. verdicts from a quorum of fresh observers; a region that comes back waits
-   `recovery_hold_s`, then ramps through `ramp_steps`;
+1. verdicts from a quorum of fresh, unimpaired observers (`verdicts.py`); a region that
+   comes back waits `recovery_hold_s`, then ramps through `ramp_steps`;
 2. gray failure: slow or hot regions are `degraded` and keep `degraded_factor` of
-   their share;
-3. operator intents win over automation: drain, failover, override, feature, freeze;
-4. safety: never fewer than `min_healthy_regions` serving, and if the verdicts would
-   leave too few, flag panic and serve the regions that failed in this incident as if
-   healthy (the probes are more likely wrong than every region at once);
+   their share, until they are clearly better (`degraded_margin` below the threshold);
+3. panic (`panic.py`): when fewer than `panic_below` regions would serve a service,
+   serve the regions that served before the fault plus those the same fault took down,
+   never one that was down before it; a region that served through a panic skips the
+   hold and ramp when it comes back;
+4. operator intents win over automation, in panic too: drain, failover, override,
+   feature, freeze; a drain or failover never leaves fewer than `min_healthy_regions`
+   serving;
 5. degradation ladder and shed fraction when capacity is short of demand;
 6. weights: lost shares move to the others by base share, within capacity caps.
 
@@ -25,11 +28,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import replace
 
+from controlplane.decide import panic as panic_rules
 from controlplane.decide.ladder import degrade, ladder_of, saved_fraction
-from controlplane.decide.verdicts import Judgement, judge
+from controlplane.decide.pairs import Build, Pair, pct, ts
+from controlplane.decide.verdicts import Judgement, assess, judge, still_degraded
 from controlplane.decide.weights import Slot, split, to_weights
 from controlplane.intents import ordered
 from controlplane.model import (
@@ -49,56 +53,6 @@ __all__ = ["REASONS_ONLY_INTERVAL_S", "decide", "judge"]
 REASONS_ONLY_INTERVAL_S = 5.0
 
 
-@dataclass(slots=True)
-class _Pair:
-    """Working state of one (service, region) while the decision is built."""
-
-    region: str
-    verdict: Verdict
-    verdict_since: float
-    serving_since: float | None
-    ramp: float
-    held_until: float | None = None
-    drained_by: Intent | None = None
-    failover_to: str | None = None
-
-    @property
-    def by_verdict(self) -> bool:
-        """Serving as far as observers and the recovery hold are concerned."""
-        return self.verdict != Verdict.DOWN and self.held_until is None
-
-    @property
-    def serving(self) -> bool:
-        return self.by_verdict and self.drained_by is None
-
-    def multiplier(self, policy: Policy) -> float:
-        if not self.serving:
-            return 0.0
-        factor = policy.degraded_factor if self.verdict == Verdict.SLOW else 1.0
-        return self.ramp * factor
-
-    def state(self) -> State:
-        if self.drained_by is not None:
-            return State.DRAINED
-        if not self.by_verdict:
-            return State.DOWN
-        return State.DEGRADED if self.verdict == Verdict.SLOW else State.HEALTHY
-
-
-@dataclass(slots=True)
-class _Build:
-    reasons: list[str] = field(default_factory=list)
-    review_at: list[float] = field(default_factory=list)
-
-
-def _pct(x: float) -> str:
-    return f"{round(x * 100)}%"
-
-
-def _ts(t: float) -> str:
-    return datetime.fromtimestamp(t, UTC).strftime("%H:%M:%SZ")
-
-
 def _ramp_at(policy: Policy, serving_since: float, now: float) -> tuple[float, float | None]:
     """Ramp fraction at `now` and when it next changes (None once fully ramped)."""
     step = math.floor((now - serving_since) / policy.ramp_step_s + 1e-9)
@@ -113,13 +67,21 @@ def _track(
     region: str,
     j: Judgement,
     prev: Placement | None,
+    prev_panic: bool,
     frozen: bool,
     now: float,
-    b: _Build,
-) -> _Pair:
-    """Verdict with hysteresis: recovery hold and slow-start ramp."""
+    b: Build,
+) -> Pair:
+    """Verdict with hysteresis: degraded margin, recovery hold and slow-start ramp."""
     name = f"{region}/{service}"
     verdict = j.verdict
+    if (
+        verdict == Verdict.UP
+        and prev is not None
+        and prev.verdict == Verdict.SLOW
+        and still_degraded(policy, j)
+    ):
+        verdict = Verdict.SLOW
     if frozen and prev is not None and verdict not in (Verdict.UNKNOWN, prev.verdict):
         b.reasons.append(
             f"{name}: observers say {verdict}, held at {prev.verdict} because automation is frozen"
@@ -127,7 +89,12 @@ def _track(
         verdict = prev.verdict
     if verdict == Verdict.UNKNOWN:
         verdict = prev.verdict if prev is not None else Verdict.UP
-        b.reasons.append(f"{name}: no fresh observations; keeping it {verdict}")
+        if not j.fresh:
+            b.reasons.append(f"{name}: no fresh observations; keeping it {verdict}")
+        elif verdict == Verdict.DOWN:
+            b.reasons.append(
+                f"{name}: {j.up} of {j.fresh} observers see it up, {j.quorum_words()}: still down"
+            )
 
     was_down = prev is not None and prev.verdict == Verdict.DOWN
     is_down = verdict == Verdict.DOWN
@@ -136,35 +103,57 @@ def _track(
     elif was_down != is_down:
         since = now
         serving_since = None if is_down else now + policy.recovery_hold_s
+        if not is_down and prev_panic and prev.weight > 0:
+            # It carried traffic through the panic: holding it back now would only
+            # move that traffic onto regions that have not been carrying it.
+            serving_since = None
+            b.reasons.append(f"{name} up again: it served through the panic, so no recovery hold or ramp")
     else:
         since, serving_since = prev.verdict_since, prev.serving_since
-    pair = _Pair(region=region, verdict=verdict, verdict_since=since, serving_since=serving_since, ramp=1.0)
+    pair = Pair(region=region, verdict=verdict, verdict_since=since, serving_since=serving_since, ramp=1.0)
     if is_down:
         pair.serving_since = None
         pair.ramp = 0.0
-        if j.fresh:
+        if j.fresh and j.verdict == Verdict.DOWN:
             b.reasons.append(f"{name} down: {j.down_sentence()}")
         return pair
     if j.down and j.fresh:
-        b.reasons.append(f"{name}: {j.down_sentence()}, quorum is {j.quorum}: not down")
+        b.reasons.append(f"{name}: {j.not_down_sentence()}")
     if serving_since is not None and now < serving_since:
         pair.held_until = serving_since
         pair.ramp = 0.0
         b.review_at.append(serving_since)
-        b.reasons.append(f"{name} recovering: up since {_ts(since)}, held until {_ts(serving_since)}")
+        b.reasons.append(f"{name} recovering: up since {ts(since)}, held until {ts(serving_since)}")
         return pair
     if verdict == Verdict.SLOW:
-        why = []
-        if j.slow >= j.quorum and j.latency_ms is not None:
-            why.append(f"{j.slow} of {j.fresh} observers see latency above {policy.slow_ms:g} ms")
-        if j.utilization is not None and j.utilization > policy.utilization_high:
-            why.append(f"utilization {j.utilization:.2f} above {policy.utilization_high:g}")
-        detail = "; ".join(why) or "slow (last known)"
-        b.reasons.append(f"{name} degraded: {detail}; weight scaled by {policy.degraded_factor:g}")
+        b.reasons.append(
+            f"{name} degraded: {_degraded_why(policy, j)}; weight scaled by {policy.degraded_factor:g}"
+        )
     return pair
 
 
-def _ramp(policy: Policy, service: str, pair: _Pair, prev: Placement | None, now: float, b: _Build) -> None:
+def _degraded_why(policy: Policy, j: Judgement) -> str:
+    """The same words on the way in and while it stays, so a hovering signal is quiet.
+
+    The count is of observers above the restore level, which a region entering
+    (above `slow_ms`) passes too; numbers that wobble (medians) are left out.
+    """
+    keep = 1.0 - policy.degraded_margin
+    why = []
+    if j.slow_hold >= j.quorum and j.latency_ms is not None:
+        why.append(
+            f"{j.slow_hold} of {j.fresh} observers see it slow (above {policy.slow_ms:g} ms to degrade, "
+            f"below {policy.slow_ms * keep:g} ms to restore)"
+        )
+    if j.utilization is not None and j.utilization > policy.utilization_high * keep:
+        why.append(
+            f"median utilization high (above {policy.utilization_high:g} to degrade, "
+            f"below {policy.utilization_high * keep:g} to restore)"
+        )
+    return "; ".join(why) or "slow (last known)"
+
+
+def _ramp(policy: Policy, service: str, pair: Pair, prev: Placement | None, now: float, b: Build) -> None:
     """Slow start after the hold, or after an operator's drain is lifted."""
     if pair.drained_by is not None or not pair.by_verdict:
         return
@@ -178,18 +167,27 @@ def _ramp(policy: Policy, service: str, pair: _Pair, prev: Placement | None, now
     else:
         b.review_at.append(next_step)
         b.reasons.append(
-            f"{pair.region}/{service} ramping: {_pct(pair.ramp)} of its share until {_ts(next_step)}"
+            f"{pair.region}/{service} ramping: {pct(pair.ramp)} of its share until {ts(next_step)}"
         )
 
 
 def _apply_drains(
-    policy: Policy, service: str, pairs: dict[str, _Pair], intents: list[Intent], b: _Build
+    policy: Policy,
+    service: str,
+    pairs: dict[str, Pair],
+    intents: list[Intent],
+    in_panic: bool,
+    b: Build,
 ) -> dict[str, float]:
     """Drains and failovers, oldest first, never below `min_healthy_regions` serving.
 
-    Returns the failover targets' preferred amounts, filled in by the caller.
+    In panic "serving" means serving in the panic, so a drain takes its region out of
+    the panic set but never the last one (that would black-hole the service, which is
+    what the panic is there to prevent). Returns the failover targets' preferred
+    amounts, filled in by the caller.
     """
     targets: dict[str, float] = {}
+    where = " in panic" if in_panic else ""
     for i in intents:
         if i.kind == IntentKind.DRAIN and i.region in pairs and i.service in (None, service):
             source, target = i.region, None
@@ -203,16 +201,17 @@ def _apply_drains(
         serving = sum(1 for p in pairs.values() if p.serving)
         if pair.serving and serving - 1 < policy.min_healthy_regions:
             b.reasons.append(
-                f"{i.describe()} not applied to {service}: it would leave {serving - 1} serving region(s), "
-                f"fewer than min_healthy_regions ({policy.min_healthy_regions})"
+                f"{i.describe()} not applied to {service}: it would leave {serving - 1} regions serving "
+                f"{service}{where}, fewer than min_healthy_regions ({policy.min_healthy_regions})"
             )
             continue
         pair.drained_by = i
+        out_of_panic = "; taken out of the panic" if in_panic and pair.panic_member else ""
         if target is None:
-            b.reasons.append(f"{source}/{service} drained: {i.describe()}")
+            b.reasons.append(f"{source}/{service} drained: {i.describe()}{out_of_panic}")
         else:
             pair.failover_to = target
-            b.reasons.append(f"{service} failed over from {source} to {target}: {i.describe()}")
+            b.reasons.append(f"{service} failed over from {source} to {target}: {i.describe()}{out_of_panic}")
             if target in pairs and pairs[target].serving:
                 targets[target] = targets.get(target, 0.0)
             else:
@@ -220,87 +219,6 @@ def _apply_drains(
                     f"{service}: failover target {target} is not serving; share spread to the others"
                 )
     return targets
-
-
-def _panic_placements(
-    policy: Policy,
-    service: str,
-    pairs: dict[str, _Pair],
-    prev: Mapping[str, Placement] | None,
-    was_in_panic: bool,
-    drained: set[str],
-    alive: int,
-    now: float,
-    b: _Build,
-) -> dict[str, Placement]:
-    """Where traffic goes when the verdicts would leave too few regions serving.
-
-    Entering panic, every region that went down within the last `observation_ttl_s`
-    (the same incident: usually the probes, not the regions) serves again with its base
-    share, as Envoy's panic mode does; regions that were already down before the
-    incident, and drained ones, stay out. While in panic the weights stay as they are.
-    Doing this instead of keeping the last decision matters when regions fail a few
-    hundred milliseconds apart: the decisions in between would otherwise have piled every
-    service onto whichever region was judged down last.
-    """
-    why = (
-        f"panic: verdicts would leave {alive} of {len(pairs)} regions serving {service} "
-        f"(min_healthy_regions={policy.min_healthy_regions})"
-    )
-    if prev is not None and was_in_panic:
-        serving = [r for r in pairs if r in prev and prev[r].weight > 0]
-        b.reasons.append(why + f"; serving {', '.join(serving)} as if healthy")
-        return {
-            region: replace(
-                prev.get(region, Placement(weight=0, state=State.DOWN)),
-                verdict=pair.verdict,
-                verdict_since=pair.verdict_since,
-                serving_since=pair.serving_since,
-            )
-            for region, pair in pairs.items()
-        }
-    recent = now - policy.observation_ttl_s
-    keep = [
-        r
-        for r, pair in pairs.items()
-        if r not in drained and (pair.verdict != Verdict.DOWN or pair.verdict_since >= recent)
-    ]
-    keep = keep or [r for r in pairs if r not in drained] or list(pairs)
-    base = {r.name: r.base_weight[service] for r in policy.regions_of(service) if r.name in keep}
-    total = sum(base.values()) or 1.0
-    weights = to_weights({r: base.get(r, 0.0) / total for r in pairs}, {})
-    serving_now = ", ".join(r for r in keep if weights[r] > 0)
-    b.reasons.append(why + f"; serving {serving_now} as if healthy")
-    out = {}
-    for region, pair in pairs.items():
-        if region in drained:
-            state = State.DRAINED
-        elif region not in keep:
-            state = State.DOWN
-        else:
-            state = State.DEGRADED if pair.verdict == Verdict.SLOW else State.HEALTHY
-        out[region] = Placement(
-            weight=weights[region],
-            state=state,
-            verdict=pair.verdict,
-            verdict_since=pair.verdict_since,
-            serving_since=pair.serving_since,
-            ramp=1.0,
-        )
-    return out
-
-
-def _drained_by_intents(standing: list[Intent], service: str) -> set[str]:
-    """Regions an operator took out of `service` (drains and failovers' sources)."""
-    out = set()
-    for i in standing:
-        if i.service not in (None, service):
-            continue
-        if i.kind == IntentKind.DRAIN and i.region:
-            out.add(i.region)
-        elif i.kind == IntentKind.FAILOVER and i.from_region:
-            out.add(i.from_region)
-    return out
 
 
 def _shares_reason(service: str, weights: Mapping[str, int], base: Mapping[str, int]) -> str | None:
@@ -325,7 +243,7 @@ def decide(
     `intents` are the standing intents by id; `intent_seq` the store's intent counter
     (defaults to the highest standing seq).
     """
-    b = _Build()
+    b = Build()
     standing = ordered(intents)
     freezes = [i for i in standing if i.kind == IntentKind.FREEZE]
     frozen = bool(freezes) and previous is not None
@@ -333,14 +251,19 @@ def decide(
         b.reasons.append(f"automation frozen: {freezes[-1].describe()}")
     forced = {i.feature: bool(i.enabled) for i in standing if i.kind == IntentKind.FEATURE and i.feature}
     overrides = {i.service: i for i in standing if i.kind == IntentKind.OVERRIDE and i.service}
-    judgements = judge(policy, observations, now)
+    assessment = assess(policy, observations, now)
+    b.reasons.extend(
+        f"{observer} impaired: {why}; not counted" for observer, why in assessment.impaired.items()
+    )
+    judgements = assessment.judgements
     prev_services = previous.services if previous is not None else {}
+    prev_panic = set(previous.panic_services) if previous is not None else set()
 
-    # 1-3: verdicts with hysteresis, then drains and failovers.
-    tracked: dict[str, dict[str, _Pair]] = {}
+    # 1-4: verdicts with hysteresis, panic, then drains and failovers.
+    tracked: dict[str, dict[str, Pair]] = {}
     preferred: dict[str, dict[str, float]] = {}
-    panic: list[str] = []
-    alive_in_panic: dict[str, int] = {}
+    panic_regions: dict[str, tuple[str, ...]] = {}
+    panic_since: dict[str, float] = {}
     for service in policy.services:
         prev_s = prev_services.get(service, {})
         pairs = {
@@ -350,6 +273,7 @@ def decide(
                 r.name,
                 judgements[(service, r.name)],
                 prev_s.get(r.name),
+                service in prev_panic,
                 frozen,
                 now,
                 b,
@@ -358,13 +282,22 @@ def decide(
         }
         tracked[service] = pairs
         alive = sum(1 for p in pairs.values() if p.by_verdict)
-        if alive < min(policy.min_healthy_regions, len(pairs)):
-            panic.append(service)
-            alive_in_panic[service] = alive
+        in_panic = alive < min(policy.panic_below, len(pairs))
+        if in_panic:
+            members, since = panic_rules.panic_set(policy, service, pairs, previous, now)
+            panic_regions[service], panic_since[service] = members, since
+            for region in members:
+                pairs[region].panic_member = True
+        at = len(b.reasons)
+        preferred[service] = _apply_drains(policy, service, pairs, standing, in_panic, b)
+        if in_panic:
+            b.reasons[at:at] = panic_rules.explain(policy, service, pairs, panic_regions[service], alive)
+            if service in prev_panic:
+                panic_rules.back_from_drain(service, pairs, prev_s, b)
             continue
-        preferred[service] = _apply_drains(policy, service, pairs, standing, b)
         for region, pair in pairs.items():
             _ramp(policy, service, pair, prev_s.get(region), now, b)
+    panic = [s for s in policy.services if s in panic_regions]
 
     # 5: degradation, from the capacity that actually serves (panic services abstain).
     capacity: dict[str, float] = {}
@@ -397,26 +330,13 @@ def decide(
     if degradation.off:
         b.reasons.append(f"features off to cover the deficit: {', '.join(degradation.off)}")
     if degradation.shed_fraction > 0:
-        b.reasons.append(f"shedding {_pct(degradation.shed_fraction)} of low-priority requests")
+        b.reasons.append(f"shedding {pct(degradation.shed_fraction)} of low-priority requests")
 
     # 6: weights.
     services_out: dict[str, dict[str, Placement]] = {}
     for service in policy.services:
         pairs = tracked[service]
-        if service in panic:
-            drained = _drained_by_intents(standing, service)
-            services_out[service] = _panic_placements(
-                policy,
-                service,
-                pairs,
-                prev_services.get(service),
-                previous is not None and service in previous.panic_services,
-                drained,
-                alive_in_panic[service],
-                now,
-                b,
-            )
-            continue
+        in_panic = service in panic_regions
         override = overrides.get(service)
         regions = policy.regions_of(service)
         if override is not None and override.weights:
@@ -428,14 +348,14 @@ def decide(
         base = {r: w / total for r, w in raw.items()}
         demand = policy.demand_rps.get(service)
         served = None
-        if demand is not None and override is None:
+        if demand is not None and override is None and not in_panic:
             served = demand * (1 - saved_fraction(policy.features, service, (*forced_off, *degradation.off)))
             served *= 1 - degradation.shed_fraction
         slots = []
         for r in regions:
-            p = pairs[r.name]
-            cap = math.inf if not served else r.capacity_rps[service] * p.multiplier(policy) / served
-            slots.append(Slot(region=r.name, base=base[r.name], multiplier=p.multiplier(policy), cap=cap))
+            multiplier = pairs[r.name].multiplier(policy, in_panic)
+            cap = math.inf if not served else r.capacity_rps[service] * multiplier / served
+            slots.append(Slot(region=r.name, base=base[r.name], multiplier=multiplier, cap=cap))
         pref = {
             t: sum(base[s] for s, p in pairs.items() if p.failover_to == t)
             for t in preferred.get(service, {})
@@ -454,7 +374,7 @@ def decide(
                 verdict=p.verdict,
                 verdict_since=p.verdict_since,
                 serving_since=p.serving_since,
-                ramp=p.ramp,
+                ramp=1.0 if in_panic else p.ramp,
             )
             for r, p in pairs.items()
         }
@@ -467,6 +387,8 @@ def decide(
         shed_fraction=degradation.shed_fraction,
         panic=bool(panic),
         panic_services=tuple(panic),
+        panic_regions=panic_regions,
+        panic_since=panic_since,
         frozen=bool(freezes),
         reasons=tuple(b.reasons),
         intent_seq=seq,

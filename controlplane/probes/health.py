@@ -10,6 +10,18 @@ instead; we start unknown because an agent that just started has no evidence eit
 and an observation it cannot back would count towards a quorum. So an agent publishes
 nothing for a (region, service) until it knows, which takes `rise` or `fall` probes.
 
+Slow and hot get the same counting, without the prober having to know the thresholds
+(`slow_ms` and `utilization_high` are the decision's business): the latency a target
+reports is filtered so that, for *every* threshold at once, it is above the threshold
+only after `fall` consecutive successful probes above it, and below again only after
+`rise` consecutive ones below it. The filter is one line: with `low` the lowest of the
+last `fall` latencies and `high` the highest of the last `rise`, the reported latency
+becomes `max(low, min(previous, high))` (the first reported one is the first measured).
+A latency alternating 990/1010 ms around a 1000 ms threshold therefore never reads as
+slow, and a steady 1500 ms does after `fall` probes. Utilization is filtered the same
+way; a successful probe without a utilization clears it. Failed probes are neither fast
+nor slow.
+
 Per (region, service), with several targets (for example one per load balancer VIP):
 the service is **up when at least one target is up** (as an HAProxy backend is up while
 any server is, and as a Kubernetes service is while it has a ready endpoint); **down when
@@ -23,8 +35,9 @@ the latest probe of any of its targets, so an observation ages when probing stal
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from controlplane.model import Observation
 from controlplane.probes.target import ProbeResult, ProbeTarget
@@ -32,7 +45,11 @@ from controlplane.probes.target import ProbeResult, ProbeTarget
 
 @dataclass(slots=True)
 class TargetHealth:
-    """The rise/fall state of one target. Mutable; one prober owns it."""
+    """The rise/fall state of one target. Mutable; one prober owns it.
+
+    `latency_ms` and `utilization` are the filtered values (see the module docstring),
+    not the last probe's: they cross a threshold only after rise/fall counting.
+    """
 
     rise: int
     fall: int
@@ -43,6 +60,8 @@ class TargetHealth:
     utilization: float | None = None
     error: str | None = None
     at: float | None = None
+    _latencies: deque[float] = field(default_factory=deque, repr=False)
+    _utilizations: deque[float] = field(default_factory=deque, repr=False)
 
     @classmethod
     def of(cls, target: ProbeTarget) -> TargetHealth:
@@ -55,8 +74,12 @@ class TargetHealth:
             # Streaks are capped at their threshold: only reaching it matters.
             self.successes = min(self.successes + 1, self.rise)
             self.failures = 0
-            self.latency_ms = result.latency_ms
-            self.utilization = result.utilization
+            self.latency_ms = self._counted(self._latencies, self.latency_ms, result.latency_ms)
+            if result.utilization is None:
+                self._utilizations.clear()
+                self.utilization = None
+            else:
+                self.utilization = self._counted(self._utilizations, self.utilization, result.utilization)
             if self.successes >= self.rise:
                 self.up = True
         else:
@@ -65,6 +88,21 @@ class TargetHealth:
             self.error = result.error
             if self.failures >= self.fall:
                 self.up = False
+
+    def _counted(self, recent: deque[float], previous: float | None, value: float) -> float:
+        """The filtered value after `value`: rise/fall counting at every threshold at once.
+
+        Above a threshold now iff the last `fall` values are all above it, or it was
+        above before and not all of the last `rise` values are below it (or at it).
+        """
+        recent.append(value)
+        while len(recent) > max(self.rise, self.fall):
+            recent.popleft()
+        low = min(list(recent)[-self.fall :])
+        if previous is None:
+            return low
+        high = max(list(recent)[-self.rise :])
+        return max(low, min(previous, high))
 
 
 def summarize(

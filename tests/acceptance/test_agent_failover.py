@@ -54,7 +54,7 @@ async def test_region_down_moves_its_share_then_returns_after_hold_and_ramp(
                 assert w["cn-north"] > BASE_WEIGHTS["cn-north"], (agent, service, w)
 
         # Once every observer has seen it, the reason names all three.
-        three = "cn-east/order down: 3 of 3 observers report connect refused"
+        three = "cn-east/order down: 3 of 3 observers report connect refused (quorum 2 of 3 configured)"
         settled = await wait_all(c, lambda d: three in d["reasons"], f"reason {three!r} on every agent")
         d = settled["agent-south-1"]
         w = weights(d, "order")

@@ -167,3 +167,83 @@ def test_settings_are_immutable(tmp_path: Path) -> None:
     s = load_settings(tmp_path / "c.yaml")
     with pytest.raises(Exception):  # noqa: B017 - pydantic's frozen error or dataclass's
         s.model.policy.min_healthy_regions = 5  # type: ignore[misc]
+
+
+# -- issue 13: settings the decision safety rules need, and configs that cannot work ------
+
+
+def test_policy_knows_every_agent_and_its_home_region(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(MINIMAL)
+    s = load_settings(tmp_path / "c.yaml")
+    assert s.policy.observers == {"a1": "cn-east"}
+    production = load_settings(ROOT / "config" / "production.yaml").policy
+    assert production.observers == {
+        "agent-east-1": "cn-east",
+        "agent-east-2": "cn-east",
+        "agent-south-1": "cn-south",
+        "agent-south-2": "cn-south",
+        "agent-north-1": "cn-north",
+    }
+
+
+def test_new_policy_settings_have_defaults(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text(MINIMAL)
+    p = load_settings(tmp_path / "c.yaml").policy
+    assert (p.panic_below, p.degraded_margin) == (1, 0.2)
+    # Derived from the probes: one interval plus one timeout (1.0 + 0.8 by default).
+    assert p.panic_correlation_s == 1.8
+
+
+def test_panic_correlation_follows_the_slowest_target_unless_set(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        'order: {targets: ["http://127.0.0.1:9101/healthz"]}',
+        'order: {targets: ["http://127.0.0.1:9101/healthz", {url: "tcp://127.0.0.1:9102", interval_s: 2, '
+        "timeout_s: 1.5}]}",
+    )
+    (tmp_path / "c.yaml").write_text(text)
+    assert load_settings(tmp_path / "c.yaml").policy.panic_correlation_s == 3.5
+    (tmp_path / "c.yaml").write_text(text + "policy:\n  panic_correlation_s: 0.5\n")
+    assert load_settings(tmp_path / "c.yaml").policy.panic_correlation_s == 0.5
+
+
+def test_panic_below_and_degraded_margin_are_checked(tmp_path: Path) -> None:
+    problems = _problems(MINIMAL + "policy:\n  panic_below: 2\n  degraded_margin: 1\n", tmp_path)
+    assert problems == [
+        "policy.degraded_margin: input should be less than 1 (got 1)",
+        "policy.panic_below: more than the 1 regions configured (got 2)",
+    ]
+    problems = _problems(MINIMAL + "policy:\n  panic_below: 0\n", tmp_path)
+    assert problems == ["policy.panic_below: input should be greater than or equal to 1 (got 0)"]
+
+
+def test_a_probe_interval_longer_than_the_observation_ttl_is_refused(tmp_path: Path) -> None:
+    problems = _problems(MINIMAL + "probes:\n  interval_s: 15\npolicy:\n  observation_ttl_s: 5\n", tmp_path)
+    assert (
+        "probes.interval_s: observations would expire between probes: policy.observation_ttl_s 5 must "
+        "exceed 1.5 x (interval_s 15 + timeout_s 0.8 + 1 s to commit) = 25.2 s (got 15)"
+    ) in problems
+
+
+def test_a_per_target_interval_is_checked_too(tmp_path: Path) -> None:
+    text = MINIMAL.replace(
+        'order: {targets: ["http://127.0.0.1:9101/healthz"]}',
+        'order: {targets: [{url: "http://127.0.0.1:9101/healthz", interval_s: 15}]}',
+    )
+    problems = _problems(text, tmp_path)
+    assert problems == [
+        "regions.cn-east.services.order.targets[0].interval_s: a failure takes fall 3 x interval_s 15 + "
+        "timeout_s 0.8 + 1 s to commit = 46.8 s to act on, more than policy.failover_budget_s 30 (got 15)",
+        "regions.cn-east.services.order.targets[0].interval_s: observations would expire between probes: "
+        "policy.observation_ttl_s 10 must exceed 1.5 x (interval_s 15 + timeout_s 0.8 + 1 s to commit) "
+        "= 25.2 s (got 15)",
+    ]
+
+
+def test_detection_slower_than_the_failover_budget_is_refused(tmp_path: Path) -> None:
+    problems = _problems(
+        MINIMAL + "probes:\n  interval_s: 2.9\n  fall: 10\npolicy:\n  failover_budget_s: 30\n", tmp_path
+    )
+    assert problems == [
+        "probes.interval_s: a failure takes fall 10 x interval_s 2.9 + timeout_s 0.8 + 1 s to commit "
+        "= 30.8 s to act on, more than policy.failover_budget_s 30 (got 2.9)"
+    ]

@@ -48,11 +48,16 @@ def policies(draw: st.DrawFn) -> Policy:
         )
         for i in range(draw(st.integers(0, 4)))
     )
+    agents = draw(st.integers(0, 5))
     return Policy(
         regions=tuple(specs),
         services=tuple(services),
         demand_rps=demand,
         features=features,
+        observers={f"a{i}": draw(st.sampled_from(regions)) for i in range(agents)},
+        panic_below=draw(st.integers(1, 2)),
+        panic_correlation_s=draw(st.sampled_from([0.5, 1.8, 5.0])),
+        degraded_margin=draw(st.sampled_from([0.0, 0.2])),
         observer_quorum=draw(st.none() | st.integers(1, 3)),
         observation_ttl_s=10.0,
         min_healthy_regions=draw(st.integers(1, 2)),
@@ -277,3 +282,146 @@ def test_revision_grows_only_when_something_changed(
         assert not d.same_outcome(previous)
     again = decide(policy, obs, intents, d, NOW)
     assert again is d, "deciding again on the same inputs changes nothing"
+
+
+# -- issue 13: panic, impaired observers, the configured quorum, over histories ------------
+
+
+@st.composite
+def world_views(draw: st.DrawFn, policy: Policy, observers: list[str], now: float) -> list[Observation]:
+    """What every observer sees at `now`: whole regions fail, recover, slow down; some
+    observers see everything down (impaired) or flag themselves."""
+    region_state = {
+        r.name: draw(st.sampled_from(["up", "up", "down", "slow", "mixed"])) for r in policy.regions
+    }
+    broken = {o for o in observers if draw(st.integers(0, 5)) == 0}
+    flagged = {o for o in observers if draw(st.integers(0, 7)) == 0}
+    out = []
+    for service in policy.services:
+        for region in policy.regions_of(service):
+            state = region_state[region.name]
+            for o in observers:
+                if draw(st.integers(0, 11)) == 0:
+                    continue  # nothing fresh from this observer on this pair
+                up = state in ("up", "slow") or (state == "mixed" and draw(st.booleans()))
+                if o in broken:
+                    up = False
+                out.append(
+                    Observation(
+                        observer=o,
+                        region=region.name,
+                        service=service,
+                        up=up,
+                        at=now - draw(st.sampled_from([0.0, 0.0, 2.0, 11.0])),
+                        latency_ms=(1500.0 if state == "slow" else 20.0) if up else None,
+                        error=None if up else "connect timeout",
+                        impaired="probe deadlines fired 900 ms late" if o in flagged else None,
+                    )
+                )
+    return out
+
+
+@st.composite
+def histories(draw: st.DrawFn) -> tuple[Policy, list[tuple[float, list[Observation], Decision]]]:
+    policy = draw(policies())
+    observers = sorted(policy.observers) or [f"a{i}" for i in range(draw(st.integers(1, 5)))]
+    intents = draw(intent_sets(policy))
+    previous: Decision | None = None
+    now = NOW
+    out = []
+    for _ in range(draw(st.integers(2, 10))):
+        now += draw(st.sampled_from([0.3, 1.0, 2.5, 12.0, 40.0]))
+        obs = draw(world_views(policy, observers, now))
+        if draw(st.integers(0, 4)) == 0:
+            intents = draw(intent_sets(policy))
+        previous = decide(policy, obs, intents, previous, now)
+        out.append((now, obs, previous))
+    return policy, out
+
+
+HISTORIES = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@HISTORIES
+@given(histories())
+def test_a_region_down_before_the_panic_never_gets_weight_from_it(
+    h: tuple[Policy, list[tuple[float, list[Observation], Decision]]],
+) -> None:
+    policy, steps = h
+    for _, _, d in steps:
+        for service, placements in d.services.items():
+            for region, p in placements.items():
+                if p.verdict != Verdict.DOWN or p.weight == 0:
+                    continue
+                # Weight on a DOWN region only in panic, and only for one the panic's
+                # own fault took down (or that served when it began).
+                assert service in d.panic_services, (service, region, d.reasons)
+                since = d.panic_since[service]
+                assert p.verdict_since >= since - policy.panic_correlation_s, (service, region, d.reasons)
+                assert region in d.panic_regions[service]
+
+
+@HISTORIES
+@given(histories())
+def test_weights_are_integers_summing_to_100_through_any_history(
+    h: tuple[Policy, list[tuple[float, list[Observation], Decision]]],
+) -> None:
+    _, steps = h
+    for _, _, d in steps:
+        for service, placements in d.services.items():
+            weights = [p.weight for p in placements.values()]
+            assert all(isinstance(w, int) and w >= 0 for w in weights)
+            assert sum(weights) in (0, 100), (service, placements)
+            serving = any(p.state in (State.HEALTHY, State.DEGRADED) for p in placements.values())
+            if serving:
+                assert sum(weights) == 100, (service, placements, d.reasons)
+
+
+@HISTORIES
+@given(histories(), st.data())
+def test_impaired_observers_never_change_a_verdict(
+    h: tuple[Policy, list[tuple[float, list[Observation], Decision]]], data: st.DataObject
+) -> None:
+    policy, steps = h
+    now, obs, _ = steps[-1]
+    observers = sorted({o.observer for o in obs})
+    if not observers:
+        return
+    x = data.draw(st.sampled_from(observers))
+    without = [o for o in obs if o.observer != x]
+    flagged = [
+        *without,
+        *(replace(o, impaired="probe deadlines fired 2 s late") for o in obs if o.observer == x),
+    ]
+    assert judge(policy, flagged, now) == judge(policy, without, now)
+    others_see_up = any(o.up and is_fresh(o, policy, now) and not o.impaired for o in without)
+    if x in policy.observers and others_see_up:
+        everything_down = [
+            *without,
+            *(
+                Observation(observer=x, region=r.name, service=s, up=False, at=now, error="timeout")
+                for s in policy.services
+                for r in policy.regions_of(s)
+            ),
+        ]
+        assert judge(policy, everything_down, now) == judge(policy, without, now)
+
+
+@HISTORIES
+@given(histories())
+def test_fewer_down_reports_than_the_configured_quorum_never_make_a_region_down(
+    h: tuple[Policy, list[tuple[float, list[Observation], Decision]]],
+) -> None:
+    policy, steps = h
+    if not policy.observers:
+        return
+    needed = policy.observer_quorum or len(policy.observers) // 2 + 1
+    for now, obs, _ in steps:
+        for (service, region), j in judge(policy, obs, now).items():
+            down = {
+                o.observer
+                for o in obs
+                if o.service == service and o.region == region and not o.up and is_fresh(o, policy, now)
+            }
+            if len(down) < needed:
+                assert j.verdict != Verdict.DOWN, (service, region, down, needed)

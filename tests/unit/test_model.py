@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 
 from controlplane.model import (
     Decision,
@@ -17,6 +18,8 @@ from controlplane.model import (
     decision_to_json,
     intent_from_json,
     intent_to_json,
+    observation_from_json,
+    observation_to_json,
 )
 from controlplane.state import HistoryEntry
 
@@ -62,3 +65,21 @@ def test_json_shapes_round_trip() -> None:
     assert decision_from_json(decision_to_json(DECISION)) == DECISION
     intent = Intent(id="i2", kind=IntentKind.FAILOVER, reason="drill", from_region="a", to_region="b", seq=1)
     assert intent_from_json(intent_to_json(intent)) == intent
+
+
+def test_panic_memory_and_impaired_flag_survive_json_and_pickle() -> None:
+    d = replace(
+        DECISION,
+        panic=True,
+        panic_services=("order",),
+        panic_regions={"order": ("cn-south", "cn-north")},
+        panic_since={"order": 1234.5},
+    )
+    assert decision_from_json(decision_to_json(d)) == d
+    assert pickle.loads(pickle.dumps(d)) == d
+    o = Observation("a", "r", "s", up=False, at=1.0, impaired="probe deadlines fired 850 ms late")
+    assert observation_from_json(observation_to_json(o)) == o
+    # What an older release wrote has neither: an empty panic memory, no flag.
+    old = decision_to_json(DECISION)
+    del old["panic_regions"], old["panic_since"]
+    assert decision_from_json(old).panic_regions == {}

@@ -218,6 +218,64 @@ def test_alternating_results_never_decide_from_unknown() -> None:
     assert feed(TargetHealth(rise=2, fall=2), [OK, FAIL] * 4) == [None] * 8
 
 
+def fast_or_slow(health: TargetHealth, latencies_ms: list[float], threshold_ms: float = 1000) -> list[bool]:
+    """Whether the target is reported slow after each successful probe of that latency."""
+    out = []
+    for i, ms in enumerate(latencies_ms):
+        health.record(ProbeResult(ok=True, duration_s=ms / 1000), at=float(i))
+        out.append(health.latency_ms is not None and health.latency_ms > threshold_ms)
+    return out
+
+
+def test_slow_is_reported_only_after_fall_consecutive_slow_results() -> None:
+    health = TargetHealth(rise=2, fall=3)
+    slow = fast_or_slow(health, [20, 20, 1500, 1500, 20, 1500, 1500, 1500])
+    assert slow == [False] * 7 + [True]
+
+
+def test_fast_again_only_after_rise_consecutive_fast_results() -> None:
+    health = TargetHealth(rise=2, fall=3)
+    fast_or_slow(health, [20, 20, 1500, 1500, 1500])
+    assert fast_or_slow(health, [20, 1500, 20, 20]) == [True, True, True, False]
+
+
+def test_latency_alternating_around_the_threshold_is_never_reported_slow() -> None:
+    assert not any(fast_or_slow(TargetHealth(rise=2, fall=3), [20, 20] + [1010, 990] * 20))
+
+
+def test_slow_counting_holds_for_every_threshold_at_once() -> None:
+    # The prober does not know the threshold (decide() applies slow_ms): the reported
+    # latency must cross any threshold exactly when rise/fall counting at it would.
+    rng = random.Random(7)
+    latencies = [rng.choice([50.0, 400.0, 700.0, 900.0, 1200.0, 3000.0]) for _ in range(400)]
+    for threshold in (100.0, 500.0, 800.0, 1000.0, 2000.0):
+        rise, fall = 2, 3
+        health = TargetHealth(rise=rise, fall=fall)
+        reported = fast_or_slow(health, latencies, threshold)
+        slow, streak_slow, streak_fast, expected = False, 0, 0, []
+        for i, ms in enumerate(latencies):
+            if ms > threshold:
+                streak_slow, streak_fast = streak_slow + 1, 0
+            else:
+                streak_slow, streak_fast = 0, streak_fast + 1
+            # While fewer results than rise or fall exist, all of them must agree.
+            if slow and streak_fast >= min(rise, i + 1):
+                slow = False
+            elif not slow and streak_slow >= min(fall, i + 1):
+                slow = True
+            expected.append(slow)
+        assert reported == expected, threshold
+
+
+def test_utilization_has_the_same_rise_and_fall() -> None:
+    health = TargetHealth(rise=2, fall=3)
+    hot = []
+    for i, u in enumerate([0.5, 0.9, 0.9, 0.5, 0.9, 0.9, 0.9, 0.5, 0.5]):
+        health.record(ProbeResult(ok=True, duration_s=0.01, utilization=u), at=float(i))
+        hot.append(health.utilization is not None and health.utilization > 0.8)
+    assert hot == [False, False, False, False, False, False, True, True, False]
+
+
 def _health(up: bool | None, latency_ms: float | None = None, utilization: float | None = None,
             error: str | None = None, at: float | None = 1.0) -> TargetHealth:  # fmt: skip
     return TargetHealth(

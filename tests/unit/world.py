@@ -61,6 +61,8 @@ class World:
         default_factory=dict
     )
     intents: dict[str, Intent] = field(default_factory=dict)
+    # observer -> what it says about its own view (Observation.impaired)
+    impaired: dict[str, str] = field(default_factory=dict)
     decision: Decision | None = None
     _ids: count[int] = field(default_factory=lambda: count(1))
 
@@ -91,7 +93,15 @@ class World:
         quiet = set(silent)
         return [
             Observation(
-                observer=o, region=r, service=s, up=up, at=self.now, latency_ms=lat, utilization=u, error=e
+                observer=o,
+                region=r,
+                service=s,
+                up=up,
+                at=self.now,
+                latency_ms=lat,
+                utilization=u,
+                error=e,
+                impaired=self.impaired.get(o),
             )
             for (o, r, s), (up, lat, u, e) in self.seen.items()
             if o not in quiet
