@@ -112,7 +112,7 @@ def check_safe(policy: Policy, state: ControlState, intent: Intent, now: float) 
         services = [intent.service] if intent.service else list(policy.services)
         for service in services:
             placement = after.services.get(service, {}).get(region or "")
-            if placement is not None and placement.state != State.DRAINED and not after.panic:
+            if placement is not None and placement.state != State.DRAINED:
                 why = [r for r in after.reasons if "not applied" in r and service in r]
                 raise Unsafe(
                     f"refused: {intent.kind} of {region} would break min_healthy_regions",
