@@ -122,6 +122,13 @@ class DecisionOut(BaseModel):
     leader: str
     panic: bool
     panic_services: list[str]
+    panic_regions: dict[str, list[str]] = Field(
+        default_factory=dict, description="per service in panic, the regions the panic may serve"
+    )
+    panic_since: dict[str, float] = Field(
+        default_factory=dict, description="per service, when its panic began"
+    )
+    epoch: str = Field("", description="the cluster state the revision counts in; changes when it is rebuilt")
     frozen: bool
     shed_fraction: float
     services: dict[str, dict[str, PlacementOut]]
@@ -213,6 +220,7 @@ class ObservationOut(BaseModel):
     latency_ms: float | None
     utilization: float | None
     error: str | None
+    impaired: str | None = Field(None, description="why the observer does not count as a witness")
     age_s: float
     fresh: bool
 
