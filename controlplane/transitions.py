@@ -96,8 +96,14 @@ def delete_intent(state: ControlState, intent_id: str, who: str, reason: str, at
     """Remove one standing intent; `NotFound` when it does not stand.
 
     A removal takes a sequence number too: the next decision carries it, so a writer can
-    see that the removal took effect.
+    see that the removal took effect. A removal retried after it was applied (its answer
+    was lost) returns the removed intent again and changes nothing, as a resubmitted
+    intent id does; an intent replaced by a newer one, or never committed, is not found.
     """
+    if intent_id not in state.intents:
+        removed = state.recent_intents.get(intent_id)
+        if removed is not None and was_removed(state, intent_id):
+            return Change(state, None, removed)
     intents = remove_intent(state.intents, intent_id)
     removed = state.intents[intent_id]
     entry = HistoryEntry(
@@ -115,6 +121,11 @@ def delete_intent(state: ControlState, intent_id: str, who: str, reason: str, at
         history=history_add(state.history, entry),
     )
     return Change(after, entry, removed)
+
+
+def was_removed(state: ControlState, intent_id: str) -> bool:
+    """Whether the history (bounded) records that `intent_id` was removed by request."""
+    return any(e.kind == "intent-removed" and e.intent_id == intent_id for e in reversed(state.history))
 
 
 def commit_decision(state: ControlState, decision: Decision, fence_term: int = 0) -> Change[Decision]:

@@ -414,9 +414,10 @@ class EtcdStore(ControlStore):
         return await self._write(lambda: self._change_intents(plan))
 
     async def delete_intent(self, intent_id: str, who: str, reason: str) -> Intent:
-        def plan(read: IntentsRead) -> _IntentChange:
+        def plan(read: IntentsRead) -> Intent | _IntentChange:
             change = transitions.delete_intent(read.as_state(), intent_id, who, reason, time.time())
-            assert change.entry is not None  # a removal always changes the state
+            if change.entry is None:
+                return change.result  # removed before (a retry): answered as then
             ops = [delete(self.layout.intent(intent_id))]
             return _IntentChange(change.result, ops, change.entry, logged=None)
 

@@ -190,6 +190,7 @@ class IntentsRead:
     intents: Mapping[str, Intent]
     applied: Mapping[str, Intent]  # intents applied within the history window, by id
     decision: Decision | None
+    removals: tuple[HistoryEntry, ...] = ()  # intent removals within the history window
 
     def as_state(self) -> ControlState:
         """The part of the control state an intent command reads (`controlplane.transitions`)."""
@@ -198,6 +199,7 @@ class IntentsRead:
             intents=self.intents,
             intent_seq=self.seq,
             recent_intents=self.applied,
+            history=self.removals,
         )
 
 
@@ -219,11 +221,14 @@ def intents_read_from(
         if value is not None:
             seq, seq_mod = value, kv.mod_revision
     applied: dict[str, Intent] = {}
+    removals: list[HistoryEntry] = []
     for kv in sorted(history_kvs, key=lambda kv: kv.create_revision):
         decoded = _decode_or_none(kv, decode_history)
         if decoded is not None and decoded[1] is not None:
             applied[decoded[1].id] = decoded[1]
-    return IntentsRead(seq, seq_mod, intents, applied, decision)
+        if decoded is not None and decoded[0].kind == "intent-removed":
+            removals.append(decoded[0])
+    return IntentsRead(seq, seq_mod, intents, applied, decision, tuple(removals))
 
 
 _warned: set[bytes] = set()
@@ -318,9 +323,9 @@ class EtcdView:
 
     def intents_read(self) -> IntentsRead:
         a = self._areas
-        return IntentsRead(
-            a.intent_seq, a.intent_seq_mod, dict(self.state.intents), dict(a.applied), a.decision
-        )
+        removals = tuple(i.entry for i in a.history.values() if i.entry.kind == "intent-removed")
+        intents, applied = dict(self.state.intents), dict(a.applied)
+        return IntentsRead(a.intent_seq, a.intent_seq_mod, intents, applied, a.decision, removals)
 
     # -- changes -------------------------------------------------------------------------
 

@@ -170,7 +170,8 @@ class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no
             change = transitions.delete_intent(self._current(), intent_id, who, reason, at)
         except Rejected as exc:
             return exc
-        self._take(change.state)
+        if change.changed:
+            self._take(change.state)
         return change.result
 
     @_replicated

@@ -330,6 +330,16 @@ async def test_delete_answers_with_the_revision_without_the_intent(
     d = await cluster.decision(agents[2])
     assert d is not None and d["frozen"] is False
 
+    # The answer was lost and the operator retries, on another agent: same answer.
+    async with cluster.session.delete(
+        f"{cluster.agents[agents[0]].url}/v1/intents/{body['id']}?reason=done",
+        headers={"Authorization": f"Bearer {cluster.admin_token}"},
+    ) as r:
+        again = await r.json()
+        assert r.status == 200, again
+    assert again["removed"] == removed["removed"]
+    assert again["revision"] >= removed["revision"]
+
 
 async def test_plan_reports_what_would_be_refused(cluster: InProcessCluster, agents: list[str]) -> None:
     intents = [{"kind": "drain", "region": r, "reason": "plan"} for r in ("cn-east", "cn-south", "cn-north")]

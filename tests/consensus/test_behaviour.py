@@ -180,11 +180,20 @@ async def test_delete_intent_removes_it_everywhere(cluster_factory: ClusterFacto
     assert (last.kind, last.intent_id, last.who) == ("intent-removed", "comments-off", "carol")
     assert follower.state().intent_seq > submitted.seq  # the next decision can say it saw the removal
 
+    # A retried removal (its answer was lost) is answered as the first was, changing nothing.
     before = {m: seen(s) for m, s in cluster.stores.items()}
-    with pytest.raises(NotFound):
-        await leader.delete_intent("comments-off", who="carol", reason="again")
+    assert await leader.delete_intent("comments-off", who="carol", reason="again") == submitted
     await asyncio.sleep(0.1)
     assert {m: seen(s) for m, s in cluster.stores.items()} == before
+
+    # An intent that never stood, or was replaced rather than removed, is not found.
+    with pytest.raises(NotFound):
+        await leader.delete_intent("never-was", who="carol", reason="typo")
+    replaced = await leader.submit_intent(drain("drain-south-2", region="cn-south"))
+    await cluster.converged(lambda s: "drain-south-2" in s.intents)
+    assert replaced.id != kept.id
+    with pytest.raises(NotFound):
+        await leader.delete_intent("drain-south", who="carol", reason="replaced")
 
 
 async def test_observations_are_replaced_per_observer(cluster_factory: ClusterFactory) -> None:
