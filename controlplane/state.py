@@ -24,7 +24,7 @@ ObservationKey = tuple[str, str, str]  # (observer, region, service)
 class HistoryEntry(Record):
     """One line of the audit trail: a committed decision, intent or intent removal."""
 
-    kind: str  # "decision" | "intent" | "intent-removed"
+    kind: str  # "decision" | "intent" | "intent-removed" | "epoch"
     at: float
     revision: int
     summary: str
@@ -39,9 +39,13 @@ class ControlState:
     `version` grows with every applied change (a Raft log position, an etcd revision)
     and is what `ControlStore.wait_for_change` compares against; only the backend sets
     it. `recent_intents` are intents applied lately (standing or not), by id, so that a
-    resubmitted id applies once; it is bounded by `HISTORY_LIMIT`.
+    resubmitted id applies once; it is bounded by `HISTORY_LIMIT`. `epoch` is chosen
+    once, when the cluster's state is first created, and never changes afterwards:
+    revisions count within it, so a cluster rebuilt from nothing (new data, a new etcd
+    prefix) is told apart from the one before, whose revisions were higher.
     """
 
+    epoch: str = ""
     version: int = 0
     decision: Decision | None = None
     intents: Mapping[str, Intent] = field(default_factory=dict)

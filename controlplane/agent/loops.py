@@ -57,6 +57,8 @@ def ready_to_decide(node: Node, state: ControlState) -> bool:
     those must be a majority of the agents. A pair nobody can judge does not block the
     cluster forever: after `observation_ttl_s` (at least 10 s) the leader decides anyway.
     """
+    if not state.epoch:
+        return False  # the store has not created the cluster state yet
     if state.decision is not None:
         return True
     now = node.clock()
@@ -88,7 +90,7 @@ async def decide_once(node: Node, state: ControlState) -> Decision | None:
     )
     if decision is state.decision:
         return None
-    stamped = replace(decision, term=status.term, leader=node.agent_id, committed_at=now)
+    stamped = replace(decision, term=status.term, leader=node.agent_id, committed_at=now, epoch=state.epoch)
     try:
         committed = await node.store.commit_decision(stamped)
     except (Conflict, NotLeader) as e:

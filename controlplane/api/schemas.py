@@ -251,7 +251,7 @@ class RegionsOut(BaseModel):
 
 
 class HistoryEntryOut(BaseModel):
-    kind: Literal["decision", "intent", "intent-removed"]
+    kind: Literal["decision", "intent", "intent-removed", "epoch"]
     at: float
     revision: int
     summary: str

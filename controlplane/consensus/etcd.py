@@ -202,12 +202,30 @@ class EtcdStore(ControlStore):
         try:
             await self._sync()
             await self._session.open()
+            await self._init_epoch()
             self._contact.ok()
         except BaseException:
             await self.close()
             raise
         self._spawn("watch", self._watch_loop())
         self._spawn("session", self._session.run())
+
+    async def _init_epoch(self) -> None:
+        """Create the state's epoch if this prefix has none (first member wins); wait to see it."""
+        if self._view.state.epoch:
+            return
+        keys = self.layout
+        epoch, at = transitions.new_epoch(), time.time()
+        # Not `_txn`: the watch that would show it here does not run yet; read it back instead.
+        await self._client.txn(
+            [missing(keys.epoch)],
+            [
+                put(keys.epoch, epoch.encode()),
+                put(keys.epoch_history, encode_history(transitions.epoch_entry(epoch, at))),
+            ],
+            [],
+        )
+        await self._sync()
 
     def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
         self._tasks[name] = spawn(f"etcd {name} of {self.member_id}", work, self.on_task_failure)
@@ -514,9 +532,13 @@ class EtcdStore(ControlStore):
                     missing(keys.decision_revision) if first else value_is(keys.decision_revision, previous)
                 )
                 result = await self._txn(
-                    [create_revision_is(keys.leader, decision.term), revision_guard],
+                    [
+                        create_revision_is(keys.leader, decision.term),
+                        revision_guard,
+                        value_is(keys.epoch, decision.epoch.encode()),
+                    ],
                     success,
-                    [get(keys.leader), get(keys.decision_revision)],
+                    [get(keys.leader), get(keys.decision_revision), get(keys.epoch)],
                 )
                 if result.succeeded:
                     return decision
@@ -530,6 +552,13 @@ class EtcdStore(ControlStore):
                     )
                     raise NotLeader(
                         f"etcd refused the decision: term {decision.term} is over ({now})", leader=holder
+                    )
+                epoch = result.first(2)
+                if epoch is None or epoch.value != decision.epoch.encode():
+                    found = epoch.value.decode("ascii", errors="replace") if epoch is not None else "(none)"
+                    raise Conflict(
+                        f"decision of epoch {decision.epoch or '(none)'} refused",
+                        f"the cluster state under this prefix is epoch {found}",
                     )
                 # The local view guessed wrong about whether a decision exists: retry once
                 # with the right guard if the revision really is the next one.

@@ -8,6 +8,9 @@ Everything lives under one prefix `P` (`backend.etcd.prefix`, `/controlplane` by
 `P/members/{id}`               `{"id", "address"}` under the member's lease: it is alive
 `P/decision/value`             the committed decision (JSON, `decision_to_json`)
 `P/decision/revision`          that decision's revision in ASCII: what commits compare
+`P/epoch`                      the state's epoch in ASCII: created once, by the first member
+                               to start on an empty prefix (create-if-absent), with its
+                               history entry `P/history/e/epoch`; every commit compares it
 `P/intents/{id}`               one standing intent (JSON, `intent_to_json`, with its seq)
 `P/intent-seq`                 the last intent sequence number in ASCII; every intent write
                                compares its mod_revision, so intent writes are serialised
@@ -89,6 +92,8 @@ class Layout:
         self.members = self.root + b"members/"
         self.decision = self.root + b"decision/value"
         self.decision_revision = self.root + b"decision/revision"
+        self.epoch = self.root + b"epoch"
+        self.epoch_history = self.root + b"history/e/epoch"
         self.intents = self.root + b"intents/"
         self.intent_seq = self.root + b"intent-seq"
         self.history = self.root + b"history/"
@@ -264,6 +269,7 @@ class _HistoryItem:
 class _Areas:
     """The parsed keys, by area; rebuilt from scratch by `reset`, patched by `apply`."""
 
+    epoch: str = ""
     decision: Decision | None = None
     intents: dict[bytes, Intent] = field(default_factory=dict)
     intent_seq: int = 0
@@ -399,6 +405,10 @@ class EtcdView:
             return "decision"
         if key == keys.decision_revision:
             return ""  # the compare target only; the decision carries its revision
+        if key == keys.epoch:
+            epoch = _decode_or_none(kv, lambda v: v.decode("ascii"))
+            a.epoch = epoch or ""
+            return "epoch"
         if key.startswith(keys.intents):
             intent = _decode_or_none(kv, lambda v: intent_from_json(orjson.loads(v)))
             if intent is None:
@@ -440,6 +450,9 @@ class EtcdView:
         if key == keys.decision:
             a.decision = None
             return "decision"
+        if key == keys.epoch:
+            a.epoch = ""
+            return "epoch"
         if key.startswith(keys.intents):
             a.intents.pop(key, None)
             return "intents"
@@ -491,6 +504,7 @@ class EtcdView:
         else:
             history = reuse.history
         return ControlState(
+            epoch=a.epoch,
             version=version,
             decision=a.decision,
             intents=intents,
@@ -507,7 +521,8 @@ def _with_version(state: ControlState, version: int) -> ControlState:
 
 def _same_content(a: ControlState, b: ControlState) -> bool:
     return (
-        a.decision == b.decision
+        a.epoch == b.epoch
+        and a.decision == b.decision
         and dict(a.intents) == dict(b.intents)
         and a.intent_seq == b.intent_seq
         and dict(a.observations) == dict(b.observations)

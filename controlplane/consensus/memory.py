@@ -41,7 +41,8 @@ class MemoryGroup:
         if not members or len(set(members)) != len(members):
             raise ValueError(f"members must be distinct and at least one (got {list(members)})")
         self.members = tuple(members)
-        self.state = ControlState()
+        # The group's state is created with the group: its epoch is chosen now.
+        self.state = transitions.init_epoch(ControlState(), transitions.new_epoch(), time.time()).state
         self.term = 0
         self.leader: str | None = None
         self.fence_term = 0

@@ -43,6 +43,7 @@ from typing import Any
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf
 from pysyncobj.node import TCPNode
 
+from controlplane import transitions
 from controlplane.consensus.base import Changes, ControlStore
 from controlplane.consensus.raft_machine import ControlMachine
 from controlplane.consensus.raft_transport import DialNode, HeardTransport, split_address
@@ -506,6 +507,9 @@ class RaftStore(ControlStore):
         try:
             # Queued behind nothing a deposed leader could have forwarded: see raft_machine.
             self._machine.claim_term(self._machine._syncObj.raftCurrentTerm)
+            if not self._machine.epoch:
+                # The first leader of a new cluster creates its state's epoch (first wins).
+                self._machine.init_epoch(transitions.new_epoch(), time.time())
         except Exception:
             log.exception("raft member %s: could not claim its term", self.member_id)
 

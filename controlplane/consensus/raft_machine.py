@@ -53,6 +53,7 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 # form looks two frames up and would break under any wrapper. Typed loosely on purpose:
 # callers add pysyncobj's `callback=` keyword.
 _replicated: Callable[[Callable[..., Any]], Callable[..., Any]] = replicated(ver=0)
+_replicated_v1: Callable[[Callable[..., Any]], Callable[..., Any]] = replicated(ver=1)
 
 
 def _never_raises(apply: _F) -> _F:
@@ -96,11 +97,13 @@ class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no
         self.history: tuple[HistoryEntry, ...] = ()
         self.recent_intents: dict[str, Intent] = {}
         self.fence_term = 0
+        self.epoch = ""
 
     # -- snapshots -----------------------------------------------------------------------
 
     def snapshot(self) -> ControlState:
         return ControlState(
+            epoch=self.epoch,
             version=self.version,
             decision=self.decision,
             intents=MappingProxyType(self.intents),
@@ -130,6 +133,7 @@ class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no
 
     def _current(self) -> ControlState:
         return ControlState(
+            epoch=self.epoch,
             decision=self.decision,
             intents=self.intents,
             intent_seq=self.intent_seq,
@@ -139,6 +143,7 @@ class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no
         )
 
     def _take(self, state: ControlState) -> None:
+        self.epoch = state.epoch
         self.decision = state.decision
         self.intents = dict(state.intents)
         self.intent_seq = state.intent_seq
@@ -183,6 +188,14 @@ class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no
             return exc
         self.fence_term = decision.term
         self._take(change.state)
+        return change.result
+
+    @_replicated_v1
+    @_never_raises
+    def init_epoch(self, epoch: str, at: float) -> str:
+        change = transitions.init_epoch(self._current(), epoch, at)
+        if change.changed:
+            self._take(change.state)
         return change.result
 
     @_replicated

@@ -75,7 +75,7 @@ async def test_a_member_with_the_wrong_secret_cannot_join_nor_write(cluster_fact
     with pytest.raises(StoreError):
         await intruder.publish_observations("m2", [Observation("m2", "cn-east", "order", up=False, at=1.0)])
     with pytest.raises(NotLeader):
-        await intruder.commit_decision(make_decision(1, intruder.status()))
+        await intruder.commit_decision(make_decision(1, intruder))
 
     await asyncio.sleep(0.3)
     assert [seen(s) for s in good] == before
@@ -106,7 +106,7 @@ async def test_compaction_without_fork_then_restart_recovers_the_state(
     monkeypatch.setattr(os, "fork", no_fork)
     cluster = await cluster_factory(3)
     leader_id, leader = cluster.leader()
-    await leader.commit_decision(make_decision(1, leader.status()))
+    await leader.commit_decision(make_decision(1, leader))
     for i in range(3 * COMPACTING.compaction_min_entries):
         observation = Observation(leader_id, "cn-east", "order", up=i % 2 == 0, at=float(i))
         await leader.publish_observations(leader_id, [observation])
@@ -114,7 +114,7 @@ async def test_compaction_without_fork_then_restart_recovers_the_state(
     await eventually(lambda: all(p.exists() for p in snapshots), what="a snapshot on every member")
     # Entries after the snapshot must come back from the journal on top of it.
     await cluster.store("m1").submit_intent(drain("after-snapshot"))
-    await leader.commit_decision(make_decision(2, leader.status()))
+    await leader.commit_decision(make_decision(2, leader))
     await cluster.converged(
         lambda s: s.decision is not None and s.decision.revision == 2 and "after-snapshot" in s.intents
     )
@@ -127,7 +127,7 @@ async def test_compaction_without_fork_then_restart_recovers_the_state(
     assert {m: seen(s) for m, s in cluster.stores.items()} == before
     new_id = await cluster.wait_for_leader()
     new = cluster.store(new_id)
-    third = make_decision(3, new.status())
+    third = make_decision(3, new)
     await new.commit_decision(third)
     await cluster.converged(lambda s: s.decision == third)
 
@@ -209,7 +209,7 @@ async def test_members_dialled_through_forwarders_keep_their_identity(
             await cluster.start(member, dial=dial)
         leader_id = await cluster.wait_for_leader()
         leader = cluster.store(leader_id)
-        decision = make_decision(1, leader.status())
+        decision = make_decision(1, leader)
         await leader.commit_decision(decision)
         await cluster.converged(lambda s: s.decision == decision)
 
