@@ -393,7 +393,20 @@ class RaftCore:
             self._election_elapsed = 0
             self.leader = m.src
             self._commit_verified(m.commit)
-            self._send(Message(MsgType.HEARTBEAT_RESP, self.id, m.src, self.term, context=m.context))
+            # A log shorter than the leader's commit index lost entries it had acknowledged
+            # (a damaged journal): say so, or the leader would never resend them.
+            lost = self.log.last_index() < m.commit
+            self._send(
+                Message(
+                    MsgType.HEARTBEAT_RESP,
+                    self.id,
+                    m.src,
+                    self.term,
+                    context=m.context,
+                    reject=lost,
+                    reject_hint=self.log.last_index(),
+                )
+            )
         elif m.type is MsgType.SNAP:
             self._election_elapsed = 0
             self.leader = m.src
@@ -636,12 +649,20 @@ class RaftCore:
         elif m.type is MsgType.HEARTBEAT_RESP:
             pr.recent_active = True
             pr.probe_sent = False
+            if m.reject and m.reject_hint < pr.match:
+                self._lost_entries(pr, m.reject_hint)
             if pr.state is ProgressState.REPLICATE and len(pr.inflight) >= pr.max_inflight:
                 pr.inflight.popleft()  # an append may have been lost: let one more through
             if pr.match < self.log.last_index():
                 self._send_append(m.src)
             if m.context:
                 self._ack_read(m.context, m.src)
+
+    def _lost_entries(self, pr: Progress, last_index: int) -> None:
+        """The follower's log ends before what it acknowledged: start over from there."""
+        pr.match = min(pr.match, last_index)
+        pr.become_probe()
+        pr.next = last_index + 1
 
     def _handle_append_response(self, m: Message, pr: Progress) -> None:
         if m.reject:

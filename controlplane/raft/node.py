@@ -762,6 +762,8 @@ class RaftNode:
                     self._pending.pop(index).future,
                     CommitTimeoutError(f"entry {index} was covered by a snapshot; outcome unknown here"),
                 )
+        # Futures are resolved last, once status() shows what they report.
+        later: list[tuple[concurrent.futures.Future[Any], object, bool]] = []
         for e in rd.committed:
             result: object = None
             if e.kind is EntryKind.NORMAL:
@@ -770,13 +772,13 @@ class RaftNode:
             self._remember(e.index, e.term, result)
             pending = self._pending.pop(e.index, None)
             if pending is not None:
-                if pending.term == e.term:
-                    if isinstance(result, _ApplyFailure):
-                        _set_exception(pending.future, result.error)
-                    else:
-                        _set_result(pending.future, result)
+                if pending.term != e.term:
+                    outcome = ProposalDroppedError(f"another entry was committed at {e.index}")
+                    later.append((pending.future, outcome, True))
+                elif isinstance(result, _ApplyFailure):
+                    later.append((pending.future, result.error, True))
                 else:
-                    _set_exception(pending.future, ProposalDroppedError(f"another entry was committed at {e.index}"))
+                    later.append((pending.future, result, False))
         for rs in rd.read_states:
             probe = self._probes.get(rs.context)
             if probe is not None:
@@ -791,11 +793,19 @@ class RaftNode:
             waiting = []
             for index, fut, deadline in self._read_waits:
                 if core.applied >= index:
-                    _set_result(fut, index)
+                    later.append((fut, index, False))
                 else:
                     waiting.append((index, fut, deadline))
             self._read_waits = waiting
         self._update_freshness(now)
+        if later:
+            self._publish(now)
+            for fut, value, is_error in later:
+                if is_error:
+                    assert isinstance(value, BaseException)
+                    _set_exception(fut, value)
+                else:
+                    _set_result(fut, value)
 
     def _apply_entry(self, e: Entry) -> object:
         self.counters["applied_entries"] += 1

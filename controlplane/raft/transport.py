@@ -298,13 +298,10 @@ class Transport:
         while not self._closing:
             writer: asyncio.StreamWriter | None = None
             try:
-                reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(link.host, link.port, limit=1 << 16),
-                    self.config.connect_timeout_s,
-                )
-                channel = await asyncio.wait_for(
-                    self._dial_handshake(link, reader, writer), self.config.handshake_timeout_s
-                )
+                async with asyncio.timeout(self.config.connect_timeout_s):
+                    reader, writer = await asyncio.open_connection(link.host, link.port, limit=1 << 16)
+                async with asyncio.timeout(self.config.handshake_timeout_s):
+                    channel = await self._dial_handshake(link, reader, writer)
                 if channel is None:
                     backoff = 1.0
                 else:
@@ -381,7 +378,8 @@ class Transport:
                 if not link.queue:
                     link.wake.clear()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(link.wake.wait(), self.config.keepalive_s)
+                        async with asyncio.timeout(self.config.keepalive_s):
+                            await link.wake.wait()
                 if link.queue:
                     frames = []
                     while link.queue:
@@ -392,13 +390,13 @@ class Transport:
                     writer.write(b"".join(frames))
                 else:
                     writer.write(channel.seal(_KIND_KEEPALIVE))
-                await asyncio.wait_for(writer.drain(), self.config.idle_timeout_s)
+                async with asyncio.timeout(self.config.idle_timeout_s):
+                    await writer.drain()
 
         async def read_loop() -> None:
             while True:
-                frame = await asyncio.wait_for(
-                    _read_frame(reader, PREAUTH_MAX_BYTES), self.config.idle_timeout_s
-                )
+                async with asyncio.timeout(self.config.idle_timeout_s):
+                    frame = await _read_frame(reader, PREAUTH_MAX_BYTES)
                 channel.open(frame)
                 link.last_heard_mono = time.monotonic()
 
@@ -460,9 +458,8 @@ class Transport:
 
     async def _serve(self, conn: _Conn, reader: asyncio.StreamReader) -> None:
         try:
-            channel, link = await asyncio.wait_for(
-                self._listen_handshake(conn, reader), self.config.handshake_timeout_s
-            )
+            async with asyncio.timeout(self.config.handshake_timeout_s):
+                channel, link = await self._listen_handshake(conn, reader)
             if channel is None or link is None:
                 return
             with contextlib.suppress(ValueError):
@@ -544,12 +541,14 @@ class Transport:
         async def keepalives() -> None:
             while True:
                 conn.writer.write(channel.seal(_KIND_KEEPALIVE))
-                await asyncio.wait_for(conn.writer.drain(), self.config.idle_timeout_s)
+                async with asyncio.timeout(self.config.idle_timeout_s):
+                    await conn.writer.drain()
                 await asyncio.sleep(self.config.keepalive_s)
 
         async def frames() -> None:
             while True:
-                frame = await asyncio.wait_for(_read_frame(reader, limit), self.config.idle_timeout_s)
+                async with asyncio.timeout(self.config.idle_timeout_s):
+                    frame = await _read_frame(reader, limit)
                 body = channel.open(frame)
                 link.last_heard_mono = time.monotonic()
                 if body[:1] == _KIND_DATA:

@@ -370,3 +370,27 @@ def test_entries_carry_cluster_time_and_a_new_leader_never_goes_back() -> None:
     net.deliver_all()
     noop = net.cores["n2"].log.entry(3)
     assert noop.kind is EntryKind.NOOP and noop.ctime >= 1000.0
+
+
+def test_follower_that_lost_acknowledged_entries_is_resent_them() -> None:
+    net = Net()
+    net.elect("n1")
+    for k in range(10):
+        net.propose("n1", b"e%d" % k)
+    net.deliver_all()
+    assert net.cores["n1"].progress_of("n3").match == 11  # type: ignore[union-attr]
+    # n3 restarts from a damaged journal that kept only its first 4 entries.
+    kept = net.storage["n3"].entries[:4]
+    net.cores["n3"] = RaftCore(
+        "n3",
+        net.ids,
+        CONFIG,
+        random.Random(3),
+        Restored(HardState(net.cores["n3"].term, None, 4), entries=tuple(kept), applied=4, recovering=True),
+    )
+    net.applied["n3"] = net.applied["n3"][:3]
+    net.applied_index["n3"] = 4
+    net.tick_all(CONFIG.heartbeat_ticks * 3)
+    assert net.cores["n3"].log.last_index() == 11 and net.cores["n3"].committed == 11
+    assert not net.cores["n3"].recovering
+    assert net.applied["n3"] == [b"e%d" % k for k in range(10)]
