@@ -6,6 +6,7 @@ fixtures), by PID for processes, even when the test fails. Only 127.0.0.1 is use
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -284,3 +285,35 @@ def proc_cluster(root: Path, **kwargs: Any) -> Iterator[ProcCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+class MeshThread:
+    """A `ProxyMesh` (the project's TCP fault proxy) on an event loop in its own thread."""
+
+    def __init__(self, members: dict[str, str]) -> None:
+        try:
+            from controlplane.testing.faultproxy import ProxyMesh  # type: ignore[import-not-found]
+        except ImportError:
+            from controlplane.faultproxy import ProxyMesh
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="fault-mesh", daemon=True)
+        self.thread.start()
+        self.mesh = ProxyMesh(members)
+        self.call(self.mesh.start())
+
+    def call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(10)
+
+    def do(self, fn: Callable[[], T]) -> T:
+        async def run() -> T:
+            return fn()
+
+        return self.call(run())  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        try:
+            self.call(self.mesh.stop())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(5)
+            self.loop.close()
