@@ -63,9 +63,6 @@ class ClusterClock:
         brand-new cluster. Returns the cluster time now."""
         current = self._reading.at(mono)
         floor = max(self._reading.floor, last_entry_ctime)
-        if current is None:
-            base = floor if floor > 0 else wall
-        else:
-            base = max(current, floor)
+        base = (floor if floor > 0 else wall) if current is None else max(current, floor)
         self._reading = ClockReading(base, mono, floor)
         return base

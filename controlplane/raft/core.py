@@ -86,9 +86,7 @@ class CoreConfig:
         if self.election_ticks_min <= self.heartbeat_ticks:
             out.append(f"election_ticks_min: must exceed heartbeat_ticks (got {self.election_ticks_min})")
         if self.election_ticks_max <= self.election_ticks_min:
-            out.append(
-                f"election_ticks_max: must exceed election_ticks_min (got {self.election_ticks_max})"
-            )
+            out.append(f"election_ticks_max: must exceed election_ticks_min (got {self.election_ticks_max})")
         for name in ("max_append_entries", "max_append_bytes", "max_inflight", "max_apply_entries"):
             if getattr(self, name) < 1:
                 out.append(f"{name}: must be at least 1 (got {getattr(self, name)})")
@@ -103,8 +101,8 @@ class Restored:
     the commit index: a restarted node must not serve less than it applied before).
     """
 
-    hard_state: HardState = HardState()
-    snapshot: Snapshot = Snapshot()
+    hard_state: HardState = field(default_factory=HardState)
+    snapshot: Snapshot = field(default_factory=Snapshot)
     entries: tuple[Entry, ...] = ()
     applied: int = 0
     recovering: bool = False
@@ -359,9 +357,7 @@ class RaftCore:
     def _handle_vote_request(self, m: Message) -> None:
         pre = m.type is MsgType.PRE_VOTE
         can_vote = (
-            self.vote == m.src
-            or (self.vote is None and self.leader is None)
-            or (pre and m.term > self.term)
+            self.vote == m.src or (self.vote is None and self.leader is None) or (pre and m.term > self.term)
         )
         granted = can_vote and not self.recovering and self.log.is_up_to_date(m.index, m.log_term)
         if granted and not pre:
@@ -588,7 +584,9 @@ class RaftCore:
         entries = self.log.slice(pr.next, self.config.max_append_entries, self.config.max_append_bytes)
         if prev_term is None or entries is None:
             snap = self.log.snapshot
-            self._send(Message(MsgType.SNAP, self.id, to, self.term, snapshot=snap, commit=self.log.committed))
+            self._send(
+                Message(MsgType.SNAP, self.id, to, self.term, snapshot=snap, commit=self.log.committed)
+            )
             pr.become_snapshot(snap.index)
             return True
         if not entries and not send_if_empty:
@@ -732,7 +730,9 @@ class RaftCore:
         if src == self.id:
             self._read_states.append(ReadState(index, context))
         else:
-            self._send(Message(MsgType.READ_INDEX_RESP, self.id, src, self.term, index=index, context=context))
+            self._send(
+                Message(MsgType.READ_INDEX_RESP, self.id, src, self.term, index=index, context=context)
+            )
 
     # -- role changes ----------------------------------------------------------------------
 

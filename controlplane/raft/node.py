@@ -42,7 +42,7 @@ import socket
 import threading
 import time
 import zlib
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -143,7 +143,7 @@ class _Published:
     vote_unknown: bool = False
     disk_error: str | None = None
     ticked_at: float = 0.0
-    clock: ClockReading = ClockReading(None, 0.0, 0.0)
+    clock: ClockReading = field(default_factory=lambda: ClockReading(None, 0.0, 0.0))
     clock_skew_s: float | None = None
     counters: Mapping[str, int] = field(default_factory=dict)
     damage: tuple[str, ...] = ()
@@ -295,7 +295,9 @@ class RaftNode:
             self._sock = socket.create_server((host, port), backlog=128, reuse_port=False)
         except OSError as exc:
             journal.close()
-            raise RaftBindError(exc.errno, f"cannot listen for raft on {host}:{port}: {exc.strerror}") from exc
+            raise RaftBindError(
+                exc.errno, f"cannot listen for raft on {host}:{port}: {exc.strerror}"
+            ) from exc
         self._publish()
         self._thread = threading.Thread(target=self._run, name=f"raft-{self.id}", daemon=True)
         self._thread.start()
@@ -559,7 +561,9 @@ class RaftNode:
         if m.src != peer or m.dst != self.id:
             # Identity comes from the handshake: a peer may not speak for another.
             self.counters["bad_messages"] += 1
-            log.warning("raft %s: message from %s claiming src=%s dst=%s dropped", self.id, peer, m.src, m.dst)
+            log.warning(
+                "raft %s: message from %s claiming src=%s dst=%s dropped", self.id, peer, m.src, m.dst
+            )
             return
         if self._pending_ready is not None:
             self.counters["messages_dropped_disk"] += 1
@@ -568,11 +572,16 @@ class RaftNode:
         if m.type in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP) and m.term == core.term:
             self._peer_acked[peer] = now
         core.step(m)
-        if m.term == core.term and peer == core.leader and m.type in (
-            MsgType.APP,
-            MsgType.HEARTBEAT,
-            MsgType.SNAP,
-            MsgType.READ_INDEX_RESP,
+        if (
+            m.term == core.term
+            and peer == core.leader
+            and m.type
+            in (
+                MsgType.APP,
+                MsgType.HEARTBEAT,
+                MsgType.SNAP,
+                MsgType.READ_INDEX_RESP,
+            )
         ):
             self._leader_heard = now
             self._clock.observe_leader(m.ctime, now)
@@ -628,7 +637,11 @@ class RaftNode:
         self._send_envelope(leader, [_PROP, req, [d for d, _ in batch]])
 
     def _on_forwarded_proposal(self, peer: str, req: Any, datas: Any) -> None:
-        if type(req) is not int or not isinstance(datas, list) or not all(isinstance(d, bytes) for d in datas):
+        if (
+            type(req) is not int
+            or not isinstance(datas, list)
+            or not all(isinstance(d, bytes) for d in datas)
+        ):
             raise codec.DecodeError("malformed forwarded proposal")
         core = self._core
         assert core is not None
@@ -636,7 +649,9 @@ class RaftNode:
             self._send_envelope(peer, [_PROP_RESP, req, 0, 0, "too_large", "entry over the size limit"])
             return
         if self._pending_ready is not None:
-            self._send_envelope(peer, [_PROP_RESP, req, 0, 0, "disk", f"leader disk failed: {self._disk_error}"])
+            self._send_envelope(
+                peer, [_PROP_RESP, req, 0, 0, "disk", f"leader disk failed: {self._disk_error}"]
+            )
             return
         try:
             if core.role is not Role.LEADER:
@@ -650,7 +665,12 @@ class RaftNode:
 
     def _on_proposal_answer(self, peer: str, env: list[Any]) -> None:
         _, req, first, term, code, text = env
-        if type(req) is not int or type(first) is not int or type(term) is not int or not isinstance(text, str):
+        if (
+            type(req) is not int
+            or type(first) is not int
+            or type(term) is not int
+            or not isinstance(text, str)
+        ):
             raise codec.DecodeError("malformed proposal answer")
         fwd = self._forwards.pop(req, None)
         if fwd is None:
@@ -671,7 +691,9 @@ class RaftNode:
     def _resolve_from_memory(self, index: int, term: int, fut: concurrent.futures.Future[object]) -> None:
         known = self._results.get(index)
         if known is None:
-            _set_exception(fut, CommitTimeoutError(f"entry {index} was applied before its result could be kept"))
+            _set_exception(
+                fut, CommitTimeoutError(f"entry {index} was applied before its result could be kept")
+            )
         elif known[0] == term:
             _set_result(fut, known[1])
         else:
@@ -710,7 +732,11 @@ class RaftNode:
         assert core is not None
         if core.role is Role.LEADER:
             acked = sum(1 for t in self._peer_acked.values() if now - t <= self.timings.fresh_window_s)
-            if acked + 1 >= quorum_size(core.voters) and core.committed_in_term() and core.applied >= core.committed:
+            if (
+                acked + 1 >= quorum_size(core.voters)
+                and core.committed_in_term()
+                and core.applied >= core.committed
+            ):
                 self._fresh_until = now + self.timings.fresh_window_s
             return
         done = [c for c, p in self._probes.items() if p.index is not None and core.applied >= p.index]
@@ -744,9 +770,8 @@ class RaftNode:
         leading = rd.role is Role.LEADER
         ctime = self._clock.now(now) or 0.0
         wall = time.time()
-        for m in rd.messages:
-            if leading:
-                m = replace(m, ctime=ctime, wall=wall)
+        for msg in rd.messages:
+            m = replace(msg, ctime=ctime, wall=wall) if leading else msg
             if m.type is MsgType.SNAP and m.snapshot is not None:
                 self._send_snapshot(m)
             else:
@@ -860,7 +885,9 @@ class RaftNode:
             journal.compact(index)
         except OSError as exc:
             self._compact_after = time.monotonic() + 10.0
-            log.error("raft %s: cannot write a snapshot (%s); the log keeps growing, retrying in 10 s", self.id, exc)
+            log.error(
+                "raft %s: cannot write a snapshot (%s); the log keeps growing, retrying in 10 s", self.id, exc
+            )
             return
         self.counters["snapshots_taken"] += 1
 
@@ -882,19 +909,26 @@ class RaftNode:
         crc = zlib.crc32(data)
         step = self.limits.snapshot_chunk_bytes
         for off in range(0, max(len(data), 1), step):
-            while transport.queued_bytes(m.dst) > self.limits.peer_queue_bytes // 2:
-                await asyncio.sleep(0.01)
+            while transport.queued_bytes(m.dst) > self.limits.peer_queue_bytes // 2:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)  # pacing against the peer's queue: polling is enough
             self._send_envelope(m.dst, [_SNAP_CHUNK, header, off, len(data), crc, data[off : off + step]])
 
     def _on_snapshot_chunk(self, peer: str, env: list[Any]) -> None:
         _, header, off, total, crc, chunk = env
         m = codec.message_from_wire(header)
-        if type(off) is not int or type(total) is not int or type(crc) is not int or not isinstance(chunk, bytes):
+        if (
+            type(off) is not int
+            or type(total) is not int
+            or type(crc) is not int
+            or not isinstance(chunk, bytes)
+        ):
             raise codec.DecodeError("malformed snapshot chunk")
         if m.snapshot is None or m.type is not MsgType.SNAP:
             raise codec.DecodeError("snapshot chunk without a snapshot message")
         if total > self.limits.max_snapshot_bytes:
-            log.error("raft %s: snapshot of %d bytes from %s is over the limit; refused", self.id, total, peer)
+            log.error(
+                "raft %s: snapshot of %d bytes from %s is over the limit; refused", self.id, total, peer
+            )
             return
         key = (m.term, m.snapshot.index, m.snapshot.term)
         asm = self._assemblies.get(peer)
@@ -963,7 +997,9 @@ class RaftNode:
                 )
             return
         log.warning(
-            "raft %s: journal writes succeed again after %.1f s; rejoining", self.id, now - self._disk_failed_at
+            "raft %s: journal writes succeed again after %.1f s; rejoining",
+            self.id,
+            now - self._disk_failed_at,
         )
         self._pending_ready = None
         self._disk_error = None
@@ -980,7 +1016,9 @@ class RaftNode:
         core = self._core
         if core is None or core.role is not Role.LEADER:
             return
-        best = max(core.peers, key=lambda p: (p in self._peer_acked, (core.progress_of(p) or _NO_PROGRESS).match))
+        best = max(
+            core.peers, key=lambda p: (p in self._peer_acked, (core.progress_of(p) or _NO_PROGRESS).match)
+        )
         core.transfer_leadership(best)
         self._process()
 
@@ -1046,15 +1084,21 @@ class RaftNode:
                     dial=self.dial[p],
                     connected_out=bool(link and link.connected_out),
                     connected_in=bool(link and link.connected_in),
-                    last_heard_s=None if not link or link.last_heard_mono is None else now - link.last_heard_mono,
+                    last_heard_s=None
+                    if not link or link.last_heard_mono is None
+                    else now - link.last_heard_mono,
                     match=pr.match if pr is not None else None,
                 )
             )
         if core.role is Role.LEADER:
-            acked = sum(1 for t in self._peer_acked.values() if now - t <= self.timings.election_timeout_min_s)
+            acked = sum(
+                1 for t in self._peer_acked.values() if now - t <= self.timings.election_timeout_min_s
+            )
             has_quorum = acked + 1 >= quorum_size(core.voters)
         else:
-            has_quorum = core.leader is not None and now - self._leader_heard <= self.timings.election_timeout_max_s
+            has_quorum = (
+                core.leader is not None and now - self._leader_heard <= self.timings.election_timeout_max_s
+            )
         counters = dict(self.counters)
         if self._transport is not None:
             counters.update({f"transport_{k}": v for k, v in self._transport.counters.items()})

@@ -97,13 +97,18 @@ class RaftLimits:
         if out:
             return out
         if self.max_append_bytes + 4096 > self.max_frame_bytes:
-            out.append(f"{prefix}.max_append_bytes: must leave room in max_frame_bytes (got {self.max_append_bytes})")
+            out.append(
+                f"{prefix}.max_append_bytes: must leave room in max_frame_bytes (got {self.max_append_bytes})"
+            )
         if self.snapshot_chunk_bytes + 4096 > self.max_frame_bytes:
             out.append(
-                f"{prefix}.snapshot_chunk_bytes: must leave room in max_frame_bytes (got {self.snapshot_chunk_bytes})"
+                f"{prefix}.snapshot_chunk_bytes: must leave room in max_frame_bytes "
+                f"(got {self.snapshot_chunk_bytes})"
             )
         if self.max_entry_bytes > self.max_append_bytes:
-            out.append(f"{prefix}.max_entry_bytes: must not exceed max_append_bytes (got {self.max_entry_bytes})")
+            out.append(
+                f"{prefix}.max_entry_bytes: must not exceed max_append_bytes (got {self.max_entry_bytes})"
+            )
         return out
 
 

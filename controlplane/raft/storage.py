@@ -276,7 +276,9 @@ class Journal:
                 )
             return hard, False
         if bad:
-            line = "raft journal damaged: " + "; ".join(f"{self._slot(n)} at offset 0: {why}" for n, why in bad)
+            line = "raft journal damaged: " + "; ".join(
+                f"{self._slot(n)} at offset 0: {why}" for n, why in bad
+            )
             log.error("%s; term and vote unknown, recovering from the leader", line)
             damage.append(line)
             return HardState(), True
@@ -375,7 +377,9 @@ class Journal:
             if stale:
                 # The log a snapshot install replaced (the node crashed before it dropped
                 # it): none of it belongs to the new log.
-                log.info("raft journal %s: log before the installed snapshot %d discarded", path, snapshot.index)
+                log.info(
+                    "raft journal %s: log before the installed snapshot %d discarded", path, snapshot.index
+                )
                 for p in files:
                     p.unlink(missing_ok=True)
                 _fsync_dir(self.dir)
@@ -405,7 +409,9 @@ class Journal:
     def _last_or(entries: list[Entry], default: int) -> int:
         return entries[-1].index if entries else default
 
-    def _accept_entry(self, e: Entry, entries: list[Entry], snapshot: Snapshot, seq: int, off: int) -> str | None:
+    def _accept_entry(
+        self, e: Entry, entries: list[Entry], snapshot: Snapshot, seq: int, off: int
+    ) -> str | None:
         """None if `e` was taken or skipped, _STALE, or what is wrong with it."""
         if e.index < snapshot.index:
             return None
@@ -413,7 +419,11 @@ class Journal:
             return None if e.term == snapshot.term else _STALE
         expected = (entries[-1].index if entries else snapshot.index) + 1
         if e.index != expected:
-            return _STALE if not entries and e.index > expected else f"entry {e.index} where {expected} was expected"
+            return (
+                _STALE
+                if not entries and e.index > expected
+                else f"entry {e.index} where {expected} was expected"
+            )
         entries.append(e)
         self._positions[e.index] = (seq, off, e.term)
         return None
@@ -427,7 +437,13 @@ class Journal:
             os.close(fd)
 
     def _damaged(
-        self, damage: list[str], path: Path, off: int, why: str, later: Sequence[Path], truncate_at: int | None
+        self,
+        damage: list[str],
+        path: Path,
+        off: int,
+        why: str,
+        later: Sequence[Path],
+        truncate_at: int | None,
     ) -> None:
         line = f"raft journal damaged: {path} at offset {off}: {why}"
         log.error(
@@ -548,8 +564,9 @@ class Journal:
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
         """Write the snapshot file atomically (temp file, fsync, rename, directory fsync)."""
-        header = codec.packb([snapshot.index, snapshot.term, snapshot.ctime, len(snapshot.data),
-                              zlib.crc32(snapshot.data)])
+        header = codec.packb(
+            [snapshot.index, snapshot.term, snapshot.ctime, len(snapshot.data), zlib.crc32(snapshot.data)]
+        )
         tmp = self.dir / "snapshot.tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -588,7 +605,9 @@ class Journal:
     def _truncate_from(self, index: int) -> None:
         pos = self._positions.get(index)
         if pos is None:
-            raise ValueError(f"cannot truncate from {index}: not stored ({self._first_index}..{self._last_index})")
+            raise ValueError(
+                f"cannot truncate from {index}: not stored ({self._first_index}..{self._last_index})"
+            )
         seq, off, _ = pos
         removed = False
         while self._segments[-1].seq > seq:

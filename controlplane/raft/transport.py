@@ -478,7 +478,9 @@ class Transport:
             pass
         except (FrameError, codec.DecodeError) as exc:
             self.counters["bad_frames"] += 1
-            self._rl.log(logging.WARNING, f"bad-{conn.address}", "raft connection from %s: %s", conn.address, exc)
+            self._rl.log(
+                logging.WARNING, f"bad-{conn.address}", "raft connection from %s: %s", conn.address, exc
+            )
         finally:
             conn.abort()
             self._conns.discard(conn)
@@ -512,7 +514,9 @@ class Transport:
         nonce_l = os.urandom(32)
         transcript = nonce_d + nonce_l + claimed.encode() + b"\0" + self.id.encode()
         writer.write(
-            _preauth(["challenge", nonce_l, hmac.new(self._key, b"listener" + transcript, hashlib.sha256).digest()])
+            _preauth(
+                ["challenge", nonce_l, hmac.new(self._key, b"listener" + transcript, hashlib.sha256).digest()]
+            )
         )
         # A dialer that hangs up here proved nothing either way: no log (IncompleteReadError).
         answer = codec.unpackb(await _read_frame(reader, PREAUTH_MAX_BYTES))

@@ -35,7 +35,7 @@ class Net:
         }
         self.storage = {i: MemStorage() for i in self.ids}
         self.applied: dict[str, list[bytes]] = {i: [] for i in self.ids}
-        self.applied_index = {i: 0 for i in self.ids}
+        self.applied_index = dict.fromkeys(self.ids, 0)
         self.read_states: dict[str, list[ReadState]] = {i: [] for i in self.ids}
         self.outbox: deque[Message] = deque()
         self.blocked: set[tuple[str, str]] = set()

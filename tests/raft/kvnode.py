@@ -138,7 +138,12 @@ def bench(node: RaftNode, n: int, concurrency: int, size: int = 100) -> dict[str
         node.propose(payload).add_done_callback(lambda f, t0=t0: finished(t0, f))
     done.wait(120)
     elapsed = time.perf_counter() - start
-    return {"latencies_s": latencies, "errors": errors, "elapsed_s": elapsed, "rate": len(latencies) / elapsed}
+    return {
+        "latencies_s": latencies,
+        "errors": errors,
+        "elapsed_s": elapsed,
+        "rate": len(latencies) / elapsed,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -45,8 +45,8 @@ class SimFailure(AssertionError):
 class MemStorage:
     """What a node has fsynced. Survives crashes; the core does not."""
 
-    hard: HardState = HardState()
-    snapshot: Snapshot = Snapshot()
+    hard: HardState = field(default_factory=HardState)
+    snapshot: Snapshot = field(default_factory=Snapshot)
     entries: list[Entry] = field(default_factory=list)
 
     def last_index(self) -> int:
@@ -131,7 +131,9 @@ class Simulation:
             max_append_entries=self.rng.choice([1, 4, 64]),
             max_inflight=self.rng.choice([1, 4, 32]),
         )
-        self.nodes = {i: SimNode(i, MemStorage(), compact_every=self.rng.choice([5, 25, 200])) for i in self.ids}
+        self.nodes = {
+            i: SimNode(i, MemStorage(), compact_every=self.rng.choice([5, 25, 200])) for i in self.ids
+        }
         self.now = 0.0
         self.queue: list[tuple[float, int, str, Any]] = []
         self.seq = itertools.count()

@@ -29,7 +29,7 @@ def test_bind_failure_is_a_clear_error(tmp_path: Path) -> None:
     with LocalCluster(tmp_path, ids=("a",)) as cluster:
         cluster.start("a")
         twin = RaftNode("a", cluster.peers, SECRET, tmp_path / "twin", ListSM(), timings=FAST)
-        with pytest.raises(RaftBindError, match="cannot listen for raft on 127.0.0.1"):
+        with pytest.raises(RaftBindError, match=r"cannot listen for raft on 127\.0\.0\.1"):
             twin.start()
 
 
@@ -167,7 +167,11 @@ def test_full_disk_refuses_writes_keeps_state_and_recovers(
                     break
             st = wait_for("disk error reported", lambda: node.status().disk_error and node.status())
             assert st.role != "leader" and not st.fresh
-            errors = [r for r in caplog.records if r.levelno >= logging.ERROR and "journal write failed" in r.message]
+            errors = [
+                r
+                for r in caplog.records
+                if r.levelno >= logging.ERROR and "journal write failed" in r.message
+            ]
             assert len(errors) == 1
             with pytest.raises(DiskFailedError):
                 node.propose(b"refused").result(5)

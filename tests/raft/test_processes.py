@@ -11,10 +11,17 @@ from controlplane.raft.transport import split_host_port
 from tests.raft.harness import FAST, MeshThread, ProcCluster, proc_cluster, wait_for
 
 
-def put(cluster: ProcCluster, node: str, key: str, value: str) -> dict[str, object]:
-    answer = cluster.procs[node].request("POST", "/put", {"key": key, "value": value})
-    assert "index" in answer, answer
-    return dict(answer)
+def put(cluster: ProcCluster, node: str, key: str, value: str, retry_s: float = 10.0) -> dict[str, object]:
+    """Write through `node`; retried while leadership moves (NoLeader/NotLeader say nothing
+    was written)."""
+    deadline = time.monotonic() + retry_s
+    while True:
+        answer = cluster.procs[node].request("POST", "/put", {"key": key, "value": value})
+        if "index" in answer:
+            return dict(answer)
+        if answer.get("error") not in ("NoLeaderError", "NotLeaderError") or time.monotonic() > deadline:
+            raise AssertionError(answer)
+        time.sleep(0.05)
 
 
 def test_kill_9_of_the_leader_elects_another_and_writes_continue(tmp_path: Path) -> None:
@@ -41,7 +48,9 @@ def test_restarted_follower_never_serves_less_and_is_fresh_only_after_catching_u
         victim = next(i for i in cluster.ids if i != leader)
         for k in range(30):
             put(cluster, leader, f"k{k}", "v")
-        served = wait_for("victim applied", lambda: (s := cluster.procs[victim].status()) and s["applied"] >= 31 and s)
+        served = wait_for(
+            "victim applied", lambda: (s := cluster.procs[victim].status()) and s["applied"] >= 31 and s
+        )
         before = served["applied"]
         cluster.kill(victim)
         for k in range(30, 230):
@@ -69,7 +78,7 @@ def test_leader_cut_off_from_both_followers_steps_down_within_an_election_timeou
     probe = ProcCluster(tmp_path, ids=ids)  # only for its port choice
     mesh = MeshThread(probe.peers)
     try:
-        dial = mesh.do(lambda: mesh.mesh.dial_maps())
+        dial = mesh.do(mesh.mesh.dial_maps)
         with proc_cluster(tmp_path, ids=ids, dial=dial) as cluster:
             cluster.peers = probe.peers
             cluster.start_all()
@@ -88,8 +97,10 @@ def test_leader_cut_off_from_both_followers_steps_down_within_an_election_timeou
             survivors = tuple(i for i in ids if i != leader)
             new = cluster.leader(among=survivors)
             assert put(cluster, new, "k2", "v2")["index"]
-            mesh.do(lambda: mesh.mesh.heal_all())
-            wait_for("the old leader rejoins", lambda: (s := cluster.procs[leader].status()) and s["fresh"], 15)
+            mesh.do(mesh.mesh.heal_all)
+            wait_for(
+                "the old leader rejoins", lambda: (s := cluster.procs[leader].status()) and s["fresh"], 15
+            )
     finally:
         mesh.close()
 
@@ -111,7 +122,9 @@ def test_emfile_on_accept_is_survived_and_peers_get_back_in(tmp_path: Path) -> N
                     flood.append(socket.create_connection(split_host_port(cluster.peers["a"]), timeout=2))
                 except OSError:
                     break
-            wait_for("a to log EMFILE", lambda: "cannot accept" in cluster.procs["a"].log_text(), timeout_s=10)
+            wait_for(
+                "a to log EMFILE", lambda: "cannot accept" in cluster.procs["a"].log_text(), timeout_s=10
+            )
             assert "Too many open files" in cluster.procs["a"].log_text()
         finally:
             for s in flood:
@@ -121,8 +134,10 @@ def test_emfile_on_accept_is_survived_and_peers_get_back_in(tmp_path: Path) -> N
         cluster.start("b")
         wait_for(
             "a accepts b again",
-            lambda: (s := cluster.procs["a"].status()) is not None
-            and any(m["id"] == "b" and m["connected_in"] for m in s["members"]),
+            lambda: (
+                (s := cluster.procs["a"].status()) is not None
+                and any(m["id"] == "b" and m["connected_in"] for m in s["members"])
+            ),
             timeout_s=15,
         )
         wait_for("a fresh", lambda: (s := cluster.procs["a"].status()) and s["fresh"], timeout_s=15)

@@ -213,11 +213,10 @@ def test_full_disk_is_an_error_not_a_crash_and_recovers(tmp_path: Path) -> None:
         j, _ = Journal.open(mnt / "raft")
         j.save(HardState(1, None, 0), None, ents(1, 5), 5)
         filler = mnt / "filler"
-        with filler.open("wb") as f:
-            with contextlib.suppress(OSError):
-                while True:
-                    f.write(b"\0" * 65536)
-                    f.flush()
+        with filler.open("wb") as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
         index = 6
         with pytest.raises(OSError) as failure:
             for _ in range(1000):

@@ -153,7 +153,9 @@ def test_hundreds_of_idle_connections_do_not_lock_peers_out(cluster: LocalCluste
         # b restarts during the flood: it must get through to a again.
         cluster.stop("b")
         b = cluster.start("b")
-        wait_for("b reconnected to a", lambda: any(m.id == "a" and m.connected_out for m in b.status().members))
+        wait_for(
+            "b reconnected to a", lambda: any(m.id == "a" and m.connected_out for m in b.status().members)
+        )
         wait_for("b fresh", lambda: b.status().fresh, timeout_s=15)
         assert b.propose(b"through the flood").result(10) >= 1
         assert cluster.nodes["a"].status().counters["transport_unauthenticated_evicted"] > 0
@@ -164,7 +166,9 @@ def test_hundreds_of_idle_connections_do_not_lock_peers_out(cluster: LocalCluste
 
 def test_wrong_secret_is_logged_on_both_sides(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, "controlplane.raft.transport")
-    with LocalCluster(tmp_path, ids=("a", "b"), timings=TIMINGS, secrets={"b": b"a-different-secret-0123456789"}) as c:
+    with LocalCluster(
+        tmp_path, ids=("a", "b"), timings=TIMINGS, secrets={"b": b"a-different-secret-0123456789"}
+    ) as c:
         c.start_all()
 
         def both_logged() -> bool:
