@@ -64,11 +64,13 @@ class ListSM:
 
     def __init__(self) -> None:
         self.items: list[bytes] = []
+        self.ctimes: list[float] = []  # of the entries applied since start (not restored)
         self.lock = threading.Lock()
 
     def apply(self, index: int, term: int, ctime: float, data: bytes) -> object:
         with self.lock:
             self.items.append(data)
+            self.ctimes.append(ctime)
             return len(self.items)
 
     def snapshot(self) -> bytes:
@@ -183,6 +185,7 @@ class ProcCluster:
         dial: dict[str, dict[str, str]] | None = None,
     ) -> None:
         self.root = root
+        root.mkdir(parents=True, exist_ok=True)
         self.ids = ids
         self.timings = timings
         self.limits = limits or {}

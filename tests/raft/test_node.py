@@ -13,7 +13,7 @@ import pytest
 
 from controlplane.raft.errors import DiskFailedError, NoLeaderError, RaftBindError, RaftConfigError
 from controlplane.raft.node import RaftNode
-from controlplane.raft.settings import RaftTimings
+from controlplane.raft.settings import RaftLimits, RaftTimings
 from tests.raft.harness import FAST, SECRET, ListSM, LocalCluster, wait_for
 from tests.raft.test_storage import small_tmpfs
 
@@ -70,6 +70,63 @@ def test_stop_hands_leadership_over_at_once(tmp_path: Path) -> None:
         # Far below the 2 s election timeout an election would have needed.
         assert took < 1.5, took
         assert cluster.nodes[new].propose(b"after").result(10) == 1
+
+
+def test_cluster_time_never_goes_backwards_across_leaders(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path).start_all() as cluster:
+        watcher = "c"
+        for round_no in range(3):
+            leader = cluster.leader()
+            for k in range(5):
+                cluster.nodes[leader].propose(b"r%d-%d" % (round_no, k)).result(10)
+            if leader != watcher:
+                cluster.stop(leader, transfer=True)
+                cluster.start(leader)
+            else:
+                cluster.nodes[leader].stop(transfer_leadership=True)
+                cluster.nodes.pop(leader)
+                cluster.start(leader)
+                watcher = next(i for i in cluster.ids if i != leader)
+        wait_for("applied", lambda: len(cluster.sms[watcher].ctimes) >= 10)
+        ctimes = cluster.sms[watcher].ctimes
+        assert ctimes == sorted(ctimes)
+        now = cluster.nodes[watcher].cluster_time()
+        assert now is not None and now >= ctimes[-1]
+
+
+def test_lagging_follower_catches_up_by_snapshot_in_chunks(tmp_path: Path) -> None:
+    timings = RaftTimings(
+        election_timeout_min_s=0.3, election_timeout_max_s=0.6, heartbeat_s=0.05, snapshot_entries=20
+    )
+    limits = RaftLimits(snapshot_chunk_bytes=4096)
+    with LocalCluster(tmp_path, timings=timings, limits=limits).start_all() as cluster:
+        leader = cluster.leader()
+        victim = next(i for i in cluster.ids if i != leader)
+        cluster.stop(victim)
+        for k in range(100):
+            cluster.nodes[leader].propose(b"%03d" % k + b"x" * 200).result(10)
+        assert cluster.nodes[leader].status().counters["snapshots_taken"] >= 1
+        node = cluster.start(victim)
+        wait_for("caught up", lambda: len(cluster.sms[victim].items) == 100, timeout_s=15)
+        assert cluster.sms[victim].items == cluster.sms[leader].items
+        wait_for("installed", lambda: node.status().counters["snapshots_installed"] >= 1)
+        wait_for("fresh", lambda: node.status().fresh)
+
+
+def test_a_frozen_engine_is_not_fresh_within_a_second(tmp_path: Path) -> None:
+    with LocalCluster(tmp_path).start_all() as cluster:
+        cluster.leader()
+        node = cluster.nodes["a"]
+        wait_for("fresh", lambda: node.status().fresh)
+        loop = node._loop
+        assert loop is not None
+        loop.call_soon_threadsafe(time.sleep, 2.5)  # the engine thread hangs, for real
+        time.sleep(0.1)
+        frozen_at = node.status().ticked_at
+        wait_for("stale", lambda: not node.status().fresh, timeout_s=1.5)
+        st = node.status()
+        assert st.ticked_at == frozen_at and not st.has_quorum
+        wait_for("ticking again", lambda: node.status().ticked_at > frozen_at, timeout_s=5)
 
 
 def test_restarted_node_serves_what_it_applied_and_is_fresh_only_after_catching_up(tmp_path: Path) -> None:
