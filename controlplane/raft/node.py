@@ -258,6 +258,7 @@ class RaftNode:
         self._assemblies: dict[str, _Assembly] = {}
         self._snap_senders: dict[str, asyncio.Task[None]] = {}
         self._next_timeout_check = 0.0
+        self._applied_bytes = 0  # applied since the last snapshot, for the compaction threshold
         self.counters: dict[str, int] = {
             "proposals": 0,
             "proposals_forwarded": 0,
@@ -553,6 +554,9 @@ class RaftNode:
         except codec.DecodeError as exc:
             self.counters["bad_messages"] += 1
             log.warning("raft %s: malformed message from %s dropped: %s", self.id, peer, exc)
+        except Exception as exc:  # a bug (e.g. LogSafetyError): stop loudly, never limp on
+            self._fatal(f"handling a message from {peer} failed", exc)
+            raise
         self._schedule()
 
     def _on_raft(self, peer: str, m: Message) -> None:
@@ -709,8 +713,14 @@ class RaftNode:
         core = self._core
         assert core is not None
         context = b"r%d" % next(self._ids)
-        if self._pending_ready is not None or not core.read_index(context):
-            fut.set_exception(NoLeaderError("no raft leader is known right now"))
+        if self._pending_ready is not None:
+            _set_exception(fut, DiskFailedError(f"this node cannot write its journal: {self._disk_error}"))
+            return
+        if len(self._reads) + len(self._read_waits) >= self.limits.max_pending_reads:
+            _set_exception(fut, QueueFullError(f"{len(self._reads)} ReadIndex requests in flight"))
+            return
+        if not core.read_index(context):
+            _set_exception(fut, NoLeaderError("no raft leader is known right now"))
             return
         self._reads[context] = (fut, time.monotonic() + self.timings.commit_timeout_s)
         self._schedule()
@@ -780,6 +790,7 @@ class RaftNode:
             self.sm.restore(rd.snapshot.data)
             self._clock.raise_floor(rd.snapshot.ctime)
             self.counters["snapshots_installed"] += 1
+            self._applied_bytes = 0
             log.info("raft %s installed a snapshot at %d from the leader", self.id, rd.snapshot.index)
             # Proposals this snapshot covers: their outcome is no longer known here.
             for index in [i for i in self._pending if i <= rd.snapshot.index]:
@@ -791,6 +802,7 @@ class RaftNode:
         later: list[tuple[concurrent.futures.Future[Any], object, bool]] = []
         for e in rd.committed:
             result: object = None
+            self._applied_bytes += e.size()
             if e.kind is EntryKind.NORMAL:
                 result = self._apply_entry(e)
             self._clock.raise_floor(e.ctime)
@@ -872,10 +884,8 @@ class RaftNode:
         behind = core.applied - core.log.offset
         if behind <= 0 or time.monotonic() < self._compact_after:
             return
-        if behind < self.timings.snapshot_entries:
-            size = sum(core.log.entry(i).size() for i in range(core.log.offset + 1, core.applied + 1))
-            if size < self.timings.snapshot_bytes:
-                return
+        if behind < self.timings.snapshot_entries and self._applied_bytes < self.timings.snapshot_bytes:
+            return
         index = core.applied
         entry = core.log.entry(index)
         snap = Snapshot(index, entry.term, entry.ctime, self.sm.snapshot())
@@ -889,6 +899,7 @@ class RaftNode:
                 "raft %s: cannot write a snapshot (%s); the log keeps growing, retrying in 10 s", self.id, exc
             )
             return
+        self._applied_bytes = 0
         self.counters["snapshots_taken"] += 1
 
     def _send_snapshot(self, m: Message) -> None:

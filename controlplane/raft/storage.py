@@ -34,18 +34,20 @@ What `open()` does with what it finds:
   being written is torn, the other holds the previous state, and nothing that depended
   on the torn write was sent): WARNING, the other slot is used;
 - both slots unreadable (or missing while the journal holds data): ERROR, recovering,
-  and `vote_unknown`. Why: the node may have voted in some term up to its lost term T,
-  and it cannot know T. While recovering it grants no vote at all. After that it grants
-  votes only in terms above every term it has seen since start (any message, except
-  pre-votes, which promise nothing), and its own campaigns start above that too. A term
-  it may have voted in was reached by the candidate it voted for, which keeps that term
-  durably and carries it in every message it sends, so once that candidate is heard from
-  the node cannot vote in that term again. What remains is the case where the candidate
-  is silent for good and the rest of the cluster never reached that term; then this
-  node's second vote in that term can only elect a leader if the first election in that
-  term did not (the silent candidate would hold a majority's promises, and those voters
-  carry the term). This is stated here because it is the one place where the engine
-  relies on an argument rather than a record.
+  and `vote_unknown`. Why: the node may have voted in some term T up to its lost current
+  term, and it cannot know T. While recovering it grants no vote at all, and it leaves
+  recovering only by catching up with a leader, whose term the rest of the cluster
+  reached. After that it grants votes only in terms above every term it has seen since
+  start (in any message except pre-votes, which promise nothing), and its own campaigns
+  start above that too. The candidate it voted for in T keeps T durably and carries it
+  in every message, so once anything from that candidate or its voters is heard, T is
+  below the floor. What this cannot rule out: the candidate won T with exactly a
+  majority that included this node, is silent since, no other node it reached is heard
+  from, and a stale leader of an earlier term let this node catch up; then a second
+  vote in T is possible. That needs both slot files destroyed at once (a crash tears at
+  most one) on top of that interleaving; it is documented rather than claimed away,
+  and an operator who finds both slots gone can also wipe the node's directory, which
+  makes it a fresh follower with no vote history to protect.
 """
 
 from __future__ import annotations
