@@ -777,6 +777,8 @@ class RaftNode:
         assert core is not None and self._journal is not None
         now = time.monotonic()
         self.counters["fsyncs"] = self._journal.fsyncs
+        # First, so a new leader's first messages already carry its cluster time.
+        self._role_change(rd, now)
         leading = rd.role is Role.LEADER
         ctime = self._clock.now(now) or 0.0
         wall = time.time()
@@ -825,7 +827,6 @@ class RaftNode:
             if read is not None:
                 self._read_waits.append((rs.index, read[0], read[1]))
         core.advance(rd)
-        self._role_change(rd, now)
         if self._read_waits:
             waiting = []
             for index, fut, deadline in self._read_waits:
