@@ -20,6 +20,12 @@ After every event the checker verifies:
 After the faults stop (everything healed and restarted) it checks liveness: a leader is
 elected and a new proposal is applied on every node within a bounded simulated time.
 
+Damaged journals (`damage_one`): a node crashes and restarts having lost everything
+from a random record on (committed entries included), in recovering mode; sometimes it
+also lost both hard-state slots (vote_unknown). At most one node is damaged at a time:
+damaged nodes do not vote until they caught up, so a damaged majority would wedge, by
+design.
+
 Replay a failure with `python -m tests.raft.sim SEED [STEPS] [NODES]`.
 """
 
@@ -48,6 +54,9 @@ class MemStorage:
     hard: HardState = field(default_factory=HardState)
     snapshot: Snapshot = field(default_factory=Snapshot)
     entries: list[Entry] = field(default_factory=list)
+    # Set by `damage()`: the next start is in recovering mode, as after a damaged journal.
+    damaged: bool = False
+    vote_lost: bool = False
 
     def last_index(self) -> int:
         return self.entries[-1].index if self.entries else self.snapshot.index
@@ -81,13 +90,29 @@ class MemStorage:
         self.snapshot = snap
         self.entries = [e for e in self.entries if e.index > snap.index]
 
+    def damage(self, rng: random.Random, lose_vote: bool) -> None:
+        """What storage.py does with a damaged journal: everything from a random record on
+        is gone (committed entries included); with `lose_vote`, both hard-state slots too."""
+        if self.entries:
+            self.entries = self.entries[: rng.randrange(len(self.entries))]
+        self.damaged = True
+        if lose_vote:
+            self.hard = HardState(0, None, self.hard.commit)
+            self.vote_lost = True
+
     def restored(self) -> tuple[Restored, int]:
         entries = [e for e in self.entries if e.index > self.snapshot.index]
         commit = min(max(self.hard.commit, self.snapshot.index), self.snapshot.index + len(entries))
-        return (
-            Restored(hard_state=self.hard, snapshot=self.snapshot, entries=tuple(entries), applied=commit),
-            commit,
+        restored = Restored(
+            hard_state=self.hard,
+            snapshot=self.snapshot,
+            entries=tuple(entries),
+            applied=commit,
+            recovering=self.damaged,
+            vote_unknown=self.vote_lost,
         )
+        self.damaged = self.vote_lost = False
+        return restored, commit
 
 
 def _digest(prev: str, index: int, data: bytes) -> str:
@@ -113,6 +138,7 @@ class Totals:
     dropped: int = 0
     elections: int = 0
     crashes: int = 0
+    damaged: int = 0
     snapshots_installed: int = 0
     committed: int = 0
     reads_answered: int = 0
@@ -120,8 +146,10 @@ class Totals:
 
 
 class Simulation:
-    def __init__(self, seed: int, n_nodes: int = 3) -> None:
+    def __init__(self, seed: int, n_nodes: int = 3, damage: bool = True, lose_votes: bool = False) -> None:
         self.seed = seed
+        self.damage_enabled = damage
+        self.lose_votes = lose_votes
         self.rng = random.Random(seed)
         self.ids = [f"n{i}" for i in range(1, n_nodes + 1)]
         self.config = CoreConfig(
@@ -175,6 +203,8 @@ class Simulation:
             state = self._apply_one(node, e, state)
         node.state = state
         node.applied = commit
+        if restored.recovering:
+            node.applied_before_crash = commit  # a damaged journal may serve less (not fresh)
         if commit < node.applied_before_crash:
             raise self.fail(f"{node.id} restarted with {commit} applied, had {node.applied_before_crash}")
         node.core = core
@@ -314,8 +344,10 @@ class Simulation:
             leader = self.current_leader()
             if leader is not None:
                 self._split([leader], [i for i in self.ids if i != leader])
-        elif r < 0.8:
+        elif r < 0.75:
             self.crash(self.rng.choice(self.ids), torn=self.rng.random() < 0.5)
+        elif r < 0.8 and self.damage_enabled:
+            self.damage_one()
         # else: only loss/duplication
 
     def _split(self, a: list[str], b: list[str]) -> None:
@@ -332,6 +364,18 @@ class Simulation:
             self.crash_next.add(node_id)
         else:
             self._crash_now(node)
+
+    def damage_one(self) -> None:
+        """Crash a node and damage its journal, if no other node is damaged or recovering
+        (a majority of damaged nodes cannot elect anyone: by design they do not vote)."""
+        if any(n.storage.damaged or (n.core is not None and n.core.recovering) for n in self.nodes.values()):
+            return
+        node = self.nodes[self.rng.choice(self.ids)]
+        if node.core is None:
+            return
+        self._crash_now(node)
+        node.storage.damage(self.rng, lose_vote=self.lose_votes and self.rng.random() < 0.3)
+        self.totals.damaged += 1
 
     def _crash_now(self, node: SimNode) -> None:
         node_id = node.id
@@ -427,17 +471,21 @@ class Simulation:
                 self._start(node)
                 self._handle_ready(node)
         deadline = self.now + 400
-        payload: str | None = None
+        payloads: set[bytes] = set()
+        next_try = self.now
         while self.now < deadline:
             self.step()
             leader = self.current_leader()
-            if payload is None and leader is not None:
+            # A proposal may be lost with a leader change; propose again now and then.
+            if leader is not None and self.now >= next_try:
                 payload = self.propose(leader)
-            if payload is not None:
-                index = next((i for i, (_, d) in self.committed.items() if d == payload.encode()), None)
-                if index is not None and all(n.applied >= index for n in self.nodes.values()):
-                    return
-        raise self.fail(f"no progress after healing (leader {self.current_leader()}, proposal {payload})")
+                if payload is not None:
+                    payloads.add(payload.encode())
+                    next_try = self.now + 50
+            done = [i for i, (_, d) in self.committed.items() if d in payloads]
+            if done and all(n.applied >= min(done) for n in self.nodes.values()):
+                return
+        raise self.fail(f"no progress after healing (leader {self.current_leader()}, proposals {payloads})")
 
 
 def main(argv: list[str]) -> int:
