@@ -270,6 +270,8 @@ class RaftNode:
             "messages_dropped_disk": 0,
             "bad_messages": 0,
             "apply_errors": 0,
+            "votes_granted": 0,
+            "pre_votes_granted": 0,
         }
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -784,6 +786,8 @@ class RaftNode:
         wall = time.time()
         for msg in rd.messages:
             m = replace(msg, ctime=ctime, wall=wall) if leading else msg
+            if m.type in (MsgType.VOTE_RESP, MsgType.PRE_VOTE_RESP) and not m.reject:
+                self.counters["votes_granted" if m.type is MsgType.VOTE_RESP else "pre_votes_granted"] += 1
             if m.type is MsgType.SNAP and m.snapshot is not None:
                 self._send_snapshot(m)
             else:

@@ -156,9 +156,10 @@ def test_damaged_journal_is_reported_once_and_healed_from_the_leader(
         leader = cluster.leader()
         for k in range(40):
             cluster.nodes[leader].propose(b"entry-%03d" % k).result(10)
-        victim = next(i for i in cluster.ids if i != leader)
+        victim, other = (i for i in cluster.ids if i != leader)
         wait_for("victim applied", lambda: len(cluster.sms[victim].items) == 40)
         cluster.stop(victim)
+        cluster.stop(leader)  # the victim comes back to a cluster that needs its vote
         seg = sorted((tmp_path / victim).glob("wal-*.log"))[-1]
         data = bytearray(seg.read_bytes())
         middle = len(data) // 2
@@ -170,9 +171,17 @@ def test_damaged_journal_is_reported_once_and_healed_from_the_leader(
         damage = [r for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(damage) == 1 and str(seg) in damage[0].getMessage()
         assert node.status().recovering and not node.status().fresh
+        # `other` campaigns again and again; the recovering victim grants nothing.
+        time.sleep(2.0)
+        st = node.status()
+        assert st.recovering and st.leader is None
+        assert st.counters["votes_granted"] == 0 and st.counters["pre_votes_granted"] == 0
+        assert cluster.nodes[other].status().role != "leader"
+        cluster.start(leader)
         wait_for("recovered", lambda: not node.status().recovering)
         wait_for("fresh", lambda: node.status().fresh)
         wait_for("all entries back", lambda: len(cluster.sms[victim].items) == 40)
+        wait_for("leader caught up", lambda: len(cluster.sms[leader].items) == 40)
         assert cluster.sms[victim].items == cluster.sms[leader].items
         assert cluster.nodes[victim].propose(b"more").result(10) == 41
 
