@@ -68,6 +68,7 @@ from controlplane.raft.messages import Entry, EntryKind, Message, MsgType, Ready
 from controlplane.raft.quorum import quorum_size
 from controlplane.raft.settings import RaftLimits, RaftTimings, core_config
 from controlplane.raft.storage import Journal, Loaded
+from controlplane.raft.transport import COUNTERS as TRANSPORT_COUNTERS
 from controlplane.raft.transport import Transport, TransportConfig, split_host_port
 
 log = logging.getLogger("controlplane.raft.node")
@@ -1116,9 +1117,9 @@ class RaftNode:
                 core.leader is not None and now - self._leader_heard <= self.timings.election_timeout_max_s
             )
         counters = dict(self.counters)
-        if self._transport is not None:
-            counters.update({f"transport_{k}": v for k, v in self._transport.counters.items()})
-            counters["transport_dropped"] = sum(link.dropped for link in links.values())
+        transport_counters = self._transport.counters if self._transport is not None else {}
+        counters.update({f"transport_{k}": transport_counters.get(k, 0) for k in TRANSPORT_COUNTERS})
+        counters["transport_dropped"] = sum(link.dropped for link in links.values())
         self._published = _Published(
             role=core.role,
             leader=core.leader if self._pending_ready is None else None,

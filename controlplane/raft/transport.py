@@ -69,8 +69,15 @@ _KEY_LABEL = b"controlplane raft v1 cluster key"
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 
-class AuthError(Exception):
-    pass
+COUNTERS = (
+    "accept_errors",
+    "connections_refused",
+    "unauthenticated_evicted",
+    "handshake_failures",
+    "auth_failures",
+    "bad_frames",
+    "idle_closed",
+)
 
 
 class FrameError(Exception):
@@ -222,15 +229,7 @@ class Transport:
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
         self._rl = _RateLimited(config.log_interval_s)
-        self.counters: dict[str, int] = {
-            "accept_errors": 0,
-            "connections_refused": 0,
-            "unauthenticated_evicted": 0,
-            "handshake_failures": 0,
-            "auth_failures": 0,
-            "bad_frames": 0,
-            "idle_closed": 0,
-        }
+        self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
