@@ -27,8 +27,9 @@ from controlplane.raft.errors import (
     ReadTimeoutError,
     StoppedError,
 )
-from controlplane.raft.node import MemberStatus, RaftNode, RaftStatus, StateMachine
+from controlplane.raft.node import RaftNode
 from controlplane.raft.settings import RaftLimits, RaftTimings
+from controlplane.raft.status import MemberStatus, RaftStatus, StateMachine
 
 __all__ = [
     "CommitTimeoutError",

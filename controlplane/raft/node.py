@@ -44,12 +44,12 @@ import time
 import zlib
 from collections import OrderedDict
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from controlplane.raft import codec
-from controlplane.raft.clock import ClockReading, ClusterClock
+from controlplane.raft import chunks, codec
+from controlplane.raft.clock import ClusterClock
 from controlplane.raft.core import ProposalRefused, RaftCore, Restored
 from controlplane.raft.errors import (
     CommitTimeoutError,
@@ -67,6 +67,7 @@ from controlplane.raft.errors import (
 from controlplane.raft.messages import Entry, EntryKind, Message, MsgType, Ready, Role, Snapshot
 from controlplane.raft.quorum import quorum_size
 from controlplane.raft.settings import RaftLimits, RaftTimings, core_config
+from controlplane.raft.status import MemberStatus, Published, RaftStatus, StateMachine, status_of
 from controlplane.raft.storage import Journal, Loaded
 from controlplane.raft.transport import COUNTERS as TRANSPORT_COUNTERS
 from controlplane.raft.transport import Transport, TransportConfig, split_host_port
@@ -79,75 +80,6 @@ _PROP = 1
 _PROP_RESP = 2
 _SNAP_CHUNK = 3
 _RESULT_MEMORY = 4096
-
-
-class StateMachine(Protocol):
-    def apply(self, index: int, term: int, ctime: float, data: bytes) -> object:
-        """Apply one committed entry (engine thread, log order). Must be deterministic and
-        must not raise: an exception is logged at ERROR and handed to the proposer, and the
-        node carries on (every node raises the same way, if apply is deterministic)."""
-        ...
-
-    def snapshot(self) -> bytes:
-        """The state as of the last applied index."""
-        ...
-
-    def restore(self, data: bytes) -> None:
-        """Replace the state by a snapshot's (b"" is the empty state)."""
-        ...
-
-
-@dataclass(frozen=True, slots=True)
-class MemberStatus:
-    id: str
-    dial: str
-    connected_out: bool
-    connected_in: bool
-    last_heard_s: float | None  # seconds since anything authenticated came from it
-    match: int | None  # leader only: the last index known replicated there
-
-
-@dataclass(frozen=True, slots=True)
-class RaftStatus:
-    id: str
-    role: str
-    leader: str | None
-    term: int
-    commit: int
-    applied: int
-    members: tuple[MemberStatus, ...]
-    has_quorum: bool
-    fresh: bool
-    recovering: bool
-    vote_unknown: bool
-    disk_error: str | None
-    ticked_at: float  # time.monotonic() of the engine's last tick
-    cluster_time: float | None
-    clock_skew_s: float | None  # leader wall clock minus ours (followers), RTT-corrected
-    counters: Mapping[str, int]
-    damage: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Published:
-    """What the engine thread last published; other threads read only this."""
-
-    role: Role = Role.FOLLOWER
-    leader: str | None = None
-    term: int = 0
-    commit: int = 0
-    applied: int = 0
-    members: tuple[MemberStatus, ...] = ()
-    has_quorum: bool = False
-    fresh_until: float = 0.0
-    recovering: bool = False
-    vote_unknown: bool = False
-    disk_error: str | None = None
-    ticked_at: float = 0.0
-    clock: ClockReading = field(default_factory=lambda: ClockReading(None, 0.0, 0.0))
-    clock_skew_s: float | None = None
-    counters: Mapping[str, int] = field(default_factory=dict)
-    damage: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -170,14 +102,6 @@ class _Probe:
     sent_wall: float
     term: int
     index: int | None = None
-
-
-@dataclass(slots=True)
-class _Assembly:
-    key: tuple[int, int, int]  # (message term, snapshot index, snapshot term)
-    buf: bytearray
-    crc: int
-    filled: int = 0
 
 
 class RaftNode:
@@ -217,7 +141,7 @@ class RaftNode:
         self.sm = state_machine
         self._rng = rng or random.Random()
         self._config = core_config(self.timings, self.limits)
-        self._published = _Published()
+        self._published = Published()
         self._lock = threading.Lock()
         self._in_flight = 0
         self._stopping = False
@@ -256,7 +180,7 @@ class RaftNode:
         self._disk_next_retry = 0.0
         self._disk_reminded = 0.0
         self._compact_after = 0.0
-        self._assemblies: dict[str, _Assembly] = {}
+        self._assembler = chunks.Assembler(self.limits.max_snapshot_bytes)
         self._snap_senders: dict[str, asyncio.Task[None]] = {}
         self._next_timeout_check = 0.0
         self._applied_bytes = 0  # applied since the last snapshot, for the compaction threshold
@@ -402,29 +326,7 @@ class RaftNode:
         return fut
 
     def status(self) -> RaftStatus:
-        pub = self._published
-        now = time.monotonic()
-        # A frozen engine is not fresh, whatever it last published.
-        engine_alive = now - pub.ticked_at < 1.0
-        return RaftStatus(
-            id=self.id,
-            role=pub.role.value,
-            leader=pub.leader,
-            term=pub.term,
-            commit=pub.commit,
-            applied=pub.applied,
-            members=pub.members,
-            has_quorum=pub.has_quorum and engine_alive,
-            fresh=engine_alive and now < pub.fresh_until and not pub.recovering and pub.disk_error is None,
-            recovering=pub.recovering,
-            vote_unknown=pub.vote_unknown,
-            disk_error=pub.disk_error,
-            ticked_at=pub.ticked_at,
-            cluster_time=pub.clock.at(now),
-            clock_skew_s=pub.clock_skew_s,
-            counters=pub.counters,
-            damage=pub.damage,
-        )
+        return status_of(self.id, self._published, time.monotonic())
 
     def cluster_time(self) -> float | None:
         """This node's estimate of cluster time (None before it has heard of any)."""
@@ -922,13 +824,11 @@ class RaftNode:
         transport = self._transport
         assert transport is not None
         header = codec.message_to_wire(m, with_snapshot_data=False)
-        data = snap.data
-        crc = zlib.crc32(data)
-        step = self.limits.snapshot_chunk_bytes
-        for off in range(0, max(len(data), 1), step):
+        crc = zlib.crc32(snap.data)
+        for off, chunk in chunks.split(snap.data, self.limits.snapshot_chunk_bytes):
             while transport.queued_bytes(m.dst) > self.limits.peer_queue_bytes // 2:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)  # pacing against the peer's queue: polling is enough
-            self._send_envelope(m.dst, [_SNAP_CHUNK, header, off, len(data), crc, data[off : off + step]])
+            self._send_envelope(m.dst, [_SNAP_CHUNK, header, off, len(snap.data), crc, chunk])
 
     def _on_snapshot_chunk(self, peer: str, env: list[Any]) -> None:
         _, header, off, total, crc, chunk = env
@@ -942,27 +842,14 @@ class RaftNode:
             raise codec.DecodeError("malformed snapshot chunk")
         if m.snapshot is None or m.type is not MsgType.SNAP:
             raise codec.DecodeError("snapshot chunk without a snapshot message")
-        if total > self.limits.max_snapshot_bytes:
-            log.error(
-                "raft %s: snapshot of %d bytes from %s is over the limit; refused", self.id, total, peer
+        try:
+            data = self._assembler.add(
+                peer, (m.term, m.snapshot.index, m.snapshot.term), off, total, crc, chunk
             )
+        except ValueError as exc:  # oversized, or a bad checksum: the leader will resend
+            log.warning("raft %s: snapshot from %s dropped: %s", self.id, peer, exc)
             return
-        key = (m.term, m.snapshot.index, m.snapshot.term)
-        asm = self._assemblies.get(peer)
-        if off == 0:
-            asm = _Assembly(key, bytearray(total), crc)
-            self._assemblies[peer] = asm
-        if asm is None or asm.key != key or asm.filled != off or off + len(chunk) > total:
-            self._assemblies.pop(peer, None)  # a chunk was lost: the leader will resend
-            return
-        asm.buf[off : off + len(chunk)] = chunk
-        asm.filled += len(chunk)
-        if asm.filled < total:
-            return
-        del self._assemblies[peer]
-        data = bytes(asm.buf)
-        if zlib.crc32(data) != asm.crc:
-            log.warning("raft %s: snapshot from %s failed its checksum; dropped", self.id, peer)
+        if data is None:
             return
         self._on_raft(peer, replace(m, snapshot=replace(m.snapshot, data=data)))
 
@@ -1120,7 +1007,7 @@ class RaftNode:
         transport_counters = self._transport.counters if self._transport is not None else {}
         counters.update({f"transport_{k}": transport_counters.get(k, 0) for k in TRANSPORT_COUNTERS})
         counters["transport_dropped"] = sum(link.dropped for link in links.values())
-        self._published = _Published(
+        self._published = Published(
             role=core.role,
             leader=core.leader if self._pending_ready is None else None,
             term=core.term,

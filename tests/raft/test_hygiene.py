@@ -62,3 +62,25 @@ def test_msgpack_extension_types_are_refused() -> None:
     blob = msgpack.packb(msgpack.ExtType(42, b"payload"))
     with pytest.raises(codec.DecodeError):
         codec.unpackb(blob)
+
+
+def test_snapshot_chunks_reassemble_only_whole_and_verified() -> None:
+    import zlib
+
+    from controlplane.raft.chunks import Assembler, ChunkError, split
+
+    data = bytes(range(256)) * 40
+    crc = zlib.crc32(data)
+    parts = list(split(data, 1000))
+    asm = Assembler(max_bytes=1 << 20)
+    results = [asm.add("b", (1, 5, 1), off, len(data), crc, chunk) for off, chunk in parts]
+    assert results[:-1] == [None] * (len(parts) - 1) and results[-1] == data
+    # A lost chunk drops the assembly; nothing is handed on.
+    assert [asm.add("b", (1, 5, 1), off, len(data), crc, c) for off, c in parts if off != 2000] == [None] * (
+        len(parts) - 1
+    )
+    with pytest.raises(ChunkError):
+        for off, chunk in parts:
+            asm.add("b", (1, 5, 1), off, len(data), crc ^ 1, chunk)
+    with pytest.raises(ValueError, match="over the"):
+        Assembler(max_bytes=10).add("b", (1, 5, 1), 0, 11, 0, b"x")
