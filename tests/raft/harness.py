@@ -65,12 +65,14 @@ class ListSM:
     def __init__(self) -> None:
         self.items: list[bytes] = []
         self.ctimes: list[float] = []  # of the entries applied since start (not restored)
+        self.ever_applied: list[bytes] = []  # every apply since start, never reset by restore
         self.lock = threading.Lock()
 
     def apply(self, index: int, term: int, ctime: float, data: bytes) -> object:
         with self.lock:
             self.items.append(data)
             self.ctimes.append(ctime)
+            self.ever_applied.append(data)
             return len(self.items)
 
     def snapshot(self) -> bytes:

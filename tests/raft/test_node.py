@@ -14,7 +14,7 @@ import pytest
 from controlplane.raft.errors import DiskFailedError, NoLeaderError, RaftBindError, RaftConfigError
 from controlplane.raft.node import RaftNode
 from controlplane.raft.settings import RaftLimits, RaftTimings
-from tests.raft.harness import FAST, SECRET, ListSM, LocalCluster, wait_for
+from tests.raft.harness import FAST, SECRET, ListSM, LocalCluster, MeshThread, wait_for
 from tests.raft.test_storage import small_tmpfs
 
 
@@ -249,3 +249,50 @@ def test_full_disk_refuses_writes_keeps_state_and_recovers(
             wait_for("a leader is known again", lambda: node.status().leader)
             assert node.propose(b"after").result(10) > applied
             wait_for("fresh again", lambda: node.status().fresh)
+
+
+def test_ghost_commit_never_happens_with_real_sockets(tmp_path: Path) -> None:
+    """Issue 12 item 1 end to end: isolate the leader, write on it, let the majority commit
+    and compact past it, heal; the ex-leader (catching up by snapshot) must never apply
+    its own uncommitted writes. Checked every couple of milliseconds."""
+    timings = RaftTimings(
+        election_timeout_min_s=0.3, election_timeout_max_s=0.6, heartbeat_s=0.05, snapshot_entries=20
+    )
+    probe = LocalCluster(tmp_path / "ports", timings=timings)
+    mesh = MeshThread(probe.peers)
+    try:
+        dial = mesh.do(mesh.mesh.dial_maps)
+        cluster = LocalCluster(tmp_path, timings=timings, dial=dial)
+        cluster.peers = probe.peers
+        with cluster:
+            cluster.start_all()
+            old = cluster.leader()
+            cluster.nodes[old].propose(b"agreed").result(10)
+            mesh.do(lambda: mesh.mesh.isolate(old, "blackhole"))
+            ghosts = [cluster.nodes[old].propose(b"ghost-%d" % k) for k in range(3)]
+            survivors = [i for i in cluster.ids if i != old]
+            new = wait_for(
+                "a new leader among the majority",
+                lambda: next((i for i in survivors if cluster.nodes[i].status().role == "leader"), None),
+            )
+            for k in range(60):
+                cluster.nodes[new].propose(b"majority-%d" % k).result(10)
+            assert cluster.nodes[new].status().counters["snapshots_taken"] >= 1
+            mesh.do(mesh.mesh.heal_all)
+            ex = cluster.sms[old]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with ex.lock:
+                    items = list(ex.items)
+                assert not any(i.startswith(b"ghost") for i in items), items
+                if items == cluster.sms[new].items:
+                    break
+                time.sleep(0.002)
+            assert ex.items == cluster.sms[new].items
+            # Exact, not only sampled: no apply call ever saw a ghost.
+            assert not any(i.startswith(b"ghost") for i in ex.ever_applied)
+            for fut in ghosts:
+                assert fut.exception(timeout=10) is not None  # never reported as committed
+            assert cluster.nodes[old].status().counters["snapshots_installed"] >= 1
+    finally:
+        mesh.close()
