@@ -264,7 +264,10 @@ class Transport:
             return False
         link.queue.append(payload)
         link.queued_bytes += len(payload)
-        while len(link.queue) > self.config.queue_messages or link.queued_bytes > self.config.queue_bytes:
+        # While the link is down keep only the newest few: Raft resends what matters, and a
+        # long partition must not end with a flood of stale messages.
+        limit = self.config.queue_messages if link.connected_out else min(256, self.config.queue_messages)
+        while len(link.queue) > limit or link.queued_bytes > self.config.queue_bytes:
             old = link.queue.popleft()
             link.queued_bytes -= len(old)
             link.dropped += 1
