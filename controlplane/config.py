@@ -226,8 +226,9 @@ class RaftConfig(_Strict):
     election_timeout_min_s: PositiveFloat = 0.4
     election_timeout_max_s: PositiveFloat = 0.8
     heartbeat_s: PositiveFloat = 0.05
-    leader_fallback_s: PositiveFloat = 1.5
     commit_timeout_s: PositiveFloat = 3.0
+    # How long after its last confirmation a member still calls its decision fresh.
+    fresh_window_s: PositiveFloat = 1.0
 
 
 class TlsConfig(_Strict):

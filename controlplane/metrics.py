@@ -73,6 +73,11 @@ class Metrics:
         )
         self.raft_leader = Gauge("controlplane_consensus_is_leader", "1 on the leader", registry=r)
         self.raft_term = Gauge("controlplane_consensus_term", "Consensus term", registry=r)
+        self.clock_skew = Gauge(
+            "controlplane_clock_skew_seconds",
+            "This agent's wall clock against the leader's (leader minus ours); 0 on the leader",
+            registry=r,
+        )
         self.raft_commit_index = Gauge(
             "controlplane_consensus_commit_index", "Consensus commit index", registry=r
         )
@@ -131,6 +136,8 @@ class Metrics:
         self.raft_commit_index.set(status.commit_index)
         self.quorum.set(1 if status.has_quorum else 0)
         self.members_connected.set(sum(1 for m in status.members if m.connected))
+        if status.clock_skew_s is not None:
+            self.clock_skew.set(status.clock_skew_s)
 
     def observe_stages(self, stages: Mapping[str, float]) -> None:
         for stage, seconds in stages.items():

@@ -207,6 +207,10 @@ class ClusterOut(BaseModel):
     commit_index: int
     has_quorum: bool
     stale_s: float | None
+    problems: list[str] = Field(default_factory=list, description="why this agent is stale, in words")
+    cluster_time: float | None = Field(None, description="the cluster's clock as this agent knows it")
+    clock_skew_s: float | None = Field(None, description="leader's wall clock minus this agent's")
+    epoch: str = ""
     revision: int | None
     members: list[MemberOut]
 

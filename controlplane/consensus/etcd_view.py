@@ -8,6 +8,9 @@ Everything lives under one prefix `P` (`backend.etcd.prefix`, `/controlplane` by
 `P/members/{id}`               `{"id", "address"}` under the member's lease: it is alive
 `P/decision/value`             the committed decision (JSON, `decision_to_json`)
 `P/decision/revision`          that decision's revision in ASCII: what commits compare
+`P/clock`                      `{"ctime", "wall"}`: the cluster's clock, written by the leader
+                               every second (fenced by its term, no lease: it outlives every
+                               member); members extrapolate it with their monotonic clocks
 `P/epoch`                      the state's epoch in ASCII: created once, by the first member
                                to start on an empty prefix (create-if-absent), with its
                                history entry `P/history/e/epoch`; every commit compares it
@@ -70,7 +73,14 @@ from controlplane.model import (
     observation_from_json,
     observation_to_json,
 )
-from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, ObservationKey
+from controlplane.state import (
+    HISTORY_LIMIT,
+    ControlState,
+    HistoryEntry,
+    ObservationKey,
+    history_from_json,
+    history_to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +103,7 @@ class Layout:
         self.decision = self.root + b"decision/value"
         self.decision_revision = self.root + b"decision/revision"
         self.epoch = self.root + b"epoch"
+        self.clock = self.root + b"clock"
         self.epoch_history = self.root + b"history/e/epoch"
         self.intents = self.root + b"intents/"
         self.intent_seq = self.root + b"intent-seq"
@@ -117,8 +128,8 @@ class Layout:
         return self.observations + _quote(observer)
 
     def is_state_key(self, key: bytes) -> bool:
-        """Whether `key` is shown by `ControlState` (leadership and liveness are not)."""
-        return key != self.leader and not key.startswith(self.members)
+        """Whether `key` is shown by `ControlState` (leadership, liveness and the clock are not)."""
+        return key not in (self.leader, self.clock) and not key.startswith(self.members)
 
 
 # -- values ------------------------------------------------------------------------------
@@ -137,14 +148,7 @@ def encode_intent(intent: Intent) -> bytes:
 
 
 def encode_history(entry: HistoryEntry, intent: Intent | None = None) -> bytes:
-    data: dict[str, Any] = {
-        "kind": entry.kind,
-        "at": entry.at,
-        "revision": entry.revision,
-        "summary": entry.summary,
-        "intent_id": entry.intent_id,
-        "who": entry.who,
-    }
+    data = history_to_json(entry)
     if intent is not None:
         data["intent"] = intent_to_json(intent)
     return dumps(data)
@@ -152,14 +156,7 @@ def encode_history(entry: HistoryEntry, intent: Intent | None = None) -> bytes:
 
 def decode_history(value: bytes) -> tuple[HistoryEntry, Intent | None]:
     data = orjson.loads(value)
-    entry = HistoryEntry(
-        kind=str(data["kind"]),
-        at=float(data["at"]),
-        revision=int(data["revision"]),
-        summary=str(data["summary"]),
-        intent_id=None if data.get("intent_id") is None else str(data["intent_id"]),
-        who=None if data.get("who") is None else str(data["who"]),
-    )
+    entry = history_from_json(data)
     intent = intent_from_json(data["intent"]) if data.get("intent") is not None else None
     return entry, intent
 
@@ -281,6 +278,7 @@ class _Areas:
     applied: dict[str, Intent] = field(default_factory=dict)
     leader: KeyValue | None = None
     members: dict[bytes, KeyValue] = field(default_factory=dict)
+    clock: KeyValue | None = None
 
 
 class EtcdView:
@@ -308,6 +306,18 @@ class EtcdView:
     @property
     def leader(self) -> KeyValue | None:
         return self._areas.leader
+
+    @property
+    def clock(self) -> tuple[int, float, float] | None:
+        """(mod_revision, cluster time, leader's wall time) of the last clock write seen."""
+        kv = self._areas.clock
+        if kv is None:
+            return None
+        try:
+            data = orjson.loads(kv.value)
+            return kv.mod_revision, float(data["ctime"]), float(data["wall"])
+        except (ValueError, KeyError, TypeError):
+            return None
 
     def members(self) -> dict[str, str]:
         """Live member id -> the address it announced."""
@@ -377,7 +387,7 @@ class EtcdView:
                 dirty.add(self._put(a, kv))
         self.applied_revision = newest
         self.progress_revision = max(self.progress_revision, newest)
-        dirty -= {"leader", "members", ""}
+        dirty -= {"leader", "members", "clock", ""}
         if not dirty:
             return False
         previous = self.state
@@ -397,6 +407,9 @@ class EtcdView:
         if key == keys.leader:
             a.leader = kv
             return "leader"
+        if key == keys.clock:
+            a.clock = kv
+            return "clock"
         if key.startswith(keys.members):
             a.members[key] = kv
             return "members"
@@ -444,6 +457,9 @@ class EtcdView:
         if key == keys.leader:
             a.leader = None
             return "leader"
+        if key == keys.clock:
+            a.clock = None
+            return "clock"
         if key.startswith(keys.members):
             a.members.pop(key, None)
             return "members"

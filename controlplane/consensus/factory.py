@@ -39,8 +39,8 @@ def _raft_store(settings: Settings, agent_id: str, data_dir: Path) -> ControlSto
             election_timeout_min_s=raft.election_timeout_min_s,
             election_timeout_max_s=raft.election_timeout_max_s,
             heartbeat_s=raft.heartbeat_s,
-            leader_fallback_s=raft.leader_fallback_s,
             commit_timeout_s=raft.commit_timeout_s,
+            fresh_window_s=raft.fresh_window_s,
         ),
         dial=dict(settings.cluster.dial) or None,
     )

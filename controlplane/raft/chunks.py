@@ -13,6 +13,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from controlplane.errors import ControlplaneError
+
 ChunkKey = tuple[int, int, int]  # (message term, snapshot index, snapshot term)
 
 
@@ -30,7 +32,7 @@ class _Assembly:
     filled: int = 0
 
 
-class ChunkError(ValueError):
+class ChunkError(ControlplaneError, ValueError):
     """A complete snapshot whose checksum does not match."""
 
 

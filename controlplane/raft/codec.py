@@ -12,10 +12,11 @@ from typing import Any
 
 import msgpack  # type: ignore[import-untyped]
 
+from controlplane.errors import ControlplaneError
 from controlplane.raft.messages import Entry, EntryKind, Message, MsgType, Snapshot
 
 
-class DecodeError(ValueError):
+class DecodeError(ControlplaneError, ValueError):
     """Bytes that are not a well-formed value of the expected shape."""
 
 

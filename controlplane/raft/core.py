@@ -38,6 +38,7 @@ from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+from controlplane.errors import ControlplaneError
 from controlplane.raft.log import RaftLog
 from controlplane.raft.messages import (
     Entry,
@@ -55,7 +56,7 @@ from controlplane.raft.progress import Progress, ProgressState
 from controlplane.raft.quorum import VoteResult, committed_index, has_quorum, vote_result
 
 
-class ProposalRefused(Exception):
+class ProposalRefused(ControlplaneError):
     """The core cannot take a proposal now (`reason` says why: not leader, transferring)."""
 
     def __init__(self, reason: str, leader: NodeId | None) -> None:

@@ -8,16 +8,18 @@
 
 from __future__ import annotations
 
+from controlplane.errors import ControlplaneError
 
-class RaftError(Exception):
-    """Base of every engine error."""
+
+class RaftError(ControlplaneError):
+    """Base of every engine error (rooted, like every error of the package, in `errors.py`)."""
 
 
 class RaftConfigError(RaftError, ValueError):
     """Bad settings; the message lists every problem as `path.field: what (got value)`."""
 
 
-class RaftBindError(RaftError, OSError):
+class RaftBindError(RaftError):
     """The node cannot listen on its address."""
 
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from controlplane.errors import ControlplaneError
 from controlplane.raft.messages import Entry, Snapshot
 
 
-class LogSafetyError(RuntimeError):
+class LogSafetyError(ControlplaneError):
     """An operation would have removed or replaced a committed entry. It was refused."""
 
 

@@ -223,9 +223,7 @@ class RaftNode:
             self._sock = socket.create_server((host, port), backlog=128, reuse_port=False)
         except OSError as exc:
             journal.close()
-            raise RaftBindError(
-                exc.errno, f"cannot listen for raft on {host}:{port}: {exc.strerror}"
-            ) from exc
+            raise RaftBindError(f"cannot listen for raft on {host}:{port}: {exc.strerror}") from exc
         self._publish()
         self._thread = threading.Thread(target=self._run, name=f"raft-{self.id}", daemon=True)
         self._thread.start()

@@ -63,6 +63,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from controlplane.errors import ControlplaneError
 from controlplane.raft import codec
 from controlplane.raft.messages import Entry, EntryKind, HardState, Snapshot
 
@@ -122,7 +123,7 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-class _Bad(Exception):
+class _Bad(ControlplaneError):
     """A record or file that does not verify."""
 
 

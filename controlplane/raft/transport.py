@@ -53,6 +53,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from controlplane.errors import ControlplaneError
 from controlplane.raft import codec
 
 log = logging.getLogger("controlplane.raft.transport")
@@ -80,7 +81,7 @@ COUNTERS = (
 )
 
 
-class FrameError(Exception):
+class FrameError(ControlplaneError):
     pass
 
 

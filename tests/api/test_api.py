@@ -88,7 +88,7 @@ async def test_sse_watcher_sees_every_revision_in_order(cluster: InProcessCluste
             async for raw in r.content:
                 line = raw.decode().strip()
                 if line.startswith("id: "):
-                    seen.append(int(line[4:]))
+                    seen.append(int(line[4:].rpartition(".")[2]))  # epoch.revision
                     if seen[-1] >= stop_at:
                         return
 

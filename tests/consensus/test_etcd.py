@@ -162,9 +162,11 @@ async def test_keys_live_where_the_layout_says_with_leases_where_they_expire(
         p + b"/observations/" + leader_id.encode(),
         p + b"/epoch",
         p + b"/history/e/epoch",
+        p + b"/clock",
     }
     assert set(keys) == expected
     assert keys[p + b"/epoch"].value == leader.state().epoch.encode()
+    assert keys[p + b"/clock"].lease == 0  # the cluster's clock outlives every member
     member_lease = keys[p + b"/members/" + leader_id.encode()].lease
     assert member_lease != 0
     assert keys[p + b"/leader"].lease == member_lease
