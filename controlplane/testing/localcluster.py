@@ -131,6 +131,26 @@ def remap_ports(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def clock_offset_env(offset_s: float) -> dict[str, str]:
+    """Environment that runs an agent with its wall clock `offset_s` off (libfaketime).
+
+    A real clock fault, without a hook in the product: `time.time()` in that process is
+    shifted, its monotonic clock is not (as with an NTP misconfiguration). Needs Debian's
+    `faketime` package; fails, naming it, without.
+    """
+    if not LIBFAKETIME.exists():
+        raise RuntimeError(f"{LIBFAKETIME} is missing: install the Debian package faketime")
+    return {
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME": f"{offset_s:+g}s",
+        "DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1",
+    }
+
+
 @dataclass
 class AgentProcess:
     id: str

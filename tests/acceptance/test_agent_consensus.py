@@ -128,7 +128,7 @@ async def test_leader_paused_past_election_timeout_never_splits_a_revision(
 ) -> None:
     c = await cluster()
     raft = c.config.get("backend", {}).get("raft", {})
-    pause_s = 4 * float(raft.get("election_timeout_max_s", 0.8)) + float(raft.get("leader_fallback_s", 1.5))
+    pause_s = 4 * float(raft.get("election_timeout_max_s", 0.8)) + 1.5
     old = await leader_of(c)
     term_before = (await cluster_view(c, old))["term"]
     others = [a for a in c.agents if a != old]
