@@ -229,6 +229,8 @@ class RaftConfig(_Strict):
     commit_timeout_s: PositiveFloat = 3.0
     # How long after its last confirmation a member still calls its decision fresh.
     fresh_window_s: PositiveFloat = 1.0
+    # A snapshot (and a shorter journal) after this many entries since the last one.
+    snapshot_entries: Annotated[int, Field(ge=10, le=10_000_000)] = 5000
 
 
 class TlsConfig(_Strict):

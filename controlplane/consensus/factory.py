@@ -41,6 +41,7 @@ def _raft_store(settings: Settings, agent_id: str, data_dir: Path) -> ControlSto
             heartbeat_s=raft.heartbeat_s,
             commit_timeout_s=raft.commit_timeout_s,
             fresh_window_s=raft.fresh_window_s,
+            snapshot_entries=raft.snapshot_entries,
         ),
         dial=dict(settings.cluster.dial) or None,
     )

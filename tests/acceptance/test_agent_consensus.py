@@ -229,6 +229,10 @@ async def test_member_with_wrong_secret_cannot_join_or_change_anything(
     written = [o for o in body["observations"] if o["observer"] == outsider and o["at"] > stopped_at]
     assert not written, f"observations from the outsider got in: {written}"
 
+    # Refused on both sides, and said so on both sides (issue 12, item 9).
+    assert "rejected our cluster secret" in c.log_of(outsider)
+    assert any("failed authentication: wrong cluster secret" in c.log_of(a) for a in majority)
+
     assert await c.stop_agent(outsider) == 0
     c.start_agent(outsider)
     await c.wait_ready(READY_TIMEOUT_S)
