@@ -58,20 +58,47 @@ class SecretRef(_Strict):
         return self
 
     def resolve(self, path: str) -> str:
-        """The secret's value; `ConfigError` naming `path` when it is missing or empty."""
+        """The secret's value; `ConfigError` naming `path` when it is missing, empty or weak.
+
+        Weak: shorter than `MIN_SECRET_BYTES`, or a placeholder left from an example
+        (`CHANGE-ME...`). The value itself is never put in the message.
+        """
         if self.env is not None:
+            where = f"{path}.env"
             value = os.environ.get(self.env, "")
             if not value:
-                raise ConfigError([f"{path}.env: environment variable {self.env} is not set or empty"])
-            return value
-        assert self.file is not None  # guaranteed by model_post_init
-        try:
-            value = self.file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError([f"{path}.file: cannot read ({self.file}: {e.strerror})"]) from e
-        if not value:
-            raise ConfigError([f"{path}.file: file is empty ({self.file})"])
+                raise ConfigError([f"{where}: environment variable {self.env} is not set or empty"])
+        else:
+            assert self.file is not None  # guaranteed by _one_source
+            where = f"{path}.file"
+            try:
+                value = self.file.read_bytes().decode("utf-8").strip()
+            except OSError as e:
+                raise ConfigError([f"{where}: cannot read ({self.file}: {e.strerror})"]) from e
+            except UnicodeDecodeError:
+                raise ConfigError([f"{where}: not UTF-8 text ({self.file})"]) from None
+            if not value:
+                raise ConfigError([f"{where}: file is empty ({self.file})"])
+        weak = weakness(value)
+        if weak:
+            raise ConfigError([f"{where}: {weak}"])
         return value
+
+
+MIN_SECRET_BYTES = 16
+_PLACEHOLDERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "placeholder", "your-")
+
+
+def weakness(secret: str) -> str | None:
+    """Why `secret` is too weak to protect a control plane (None when it is fine)."""
+    size = len(secret.encode())
+    if size < MIN_SECRET_BYTES:
+        return f"must be at least {MIN_SECRET_BYTES} bytes (got {size} bytes)"
+    lowered = secret.lower()
+    for placeholder in _PLACEHOLDERS:
+        if placeholder in lowered:
+            return f"is a placeholder from an example (contains {placeholder!r}): set a real secret"
+    return None
 
 
 class AgentConfig(_Strict):
