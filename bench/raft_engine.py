@@ -98,7 +98,7 @@ def measure_reelection(cluster: ProcCluster, trials: int) -> dict[str, Any]:
 
 
 async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    result: dict[str, Any] = {"machine": machine(), "quiet_wait": args.quiet_wait}
+    result: dict[str, Any] = {"benchmark": "raft_engine", "machine": machine(), "quiet_wait": args.quiet_wait}
     timings = RaftTimings()
     with ProcCluster(workdir / "commits", timings=timings) as cluster:
         cluster.start_all()
