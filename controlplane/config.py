@@ -57,10 +57,12 @@ class SecretRef(_Strict):
             raise ValueError("give exactly one of env or file")
         return self
 
-    def resolve(self, path: str) -> str:
+    def resolve(self, path: str, *, strong: bool = True) -> str:
         """The secret's value; `ConfigError` naming `path` when it is missing, empty or weak.
 
-        Weak: shorter than `MIN_SECRET_BYTES`, or a placeholder left from an example
+        Weak (checked when `strong`, for the secrets this product chooses: the cluster
+        secret and its tokens; not for a credential of another system, such as an etcd
+        password): shorter than `MIN_SECRET_BYTES`, or a placeholder left from an example
         (`CHANGE-ME...`). The value itself is never put in the message.
         """
         if self.env is not None:
@@ -79,7 +81,7 @@ class SecretRef(_Strict):
                 raise ConfigError([f"{where}: not UTF-8 text ({self.file})"]) from None
             if not value:
                 raise ConfigError([f"{where}: file is empty ({self.file})"])
-        weak = weakness(value)
+        weak = weakness(value) if strong else None
         if weak:
             raise ConfigError([f"{where}: {weak}"])
         return value

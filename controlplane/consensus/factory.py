@@ -55,7 +55,7 @@ def _etcd_store(settings: Settings, etcd: EtcdConfig, agent_id: str) -> ControlS
     password: str | None = None
     if etcd.password is not None:
         try:
-            password = etcd.password.resolve("backend.etcd.password")
+            password = etcd.password.resolve("backend.etcd.password", strong=False)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if etcd.username is not None and etcd.password is None:
