@@ -22,7 +22,11 @@ ObservationKey = tuple[str, str, str]  # (observer, region, service)
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry(Record):
-    """One line of the audit trail: a committed decision, intent or intent removal."""
+    """One line of the audit trail: a committed decision, intent or intent removal.
+
+    A decision's entry keeps its weights (service -> region -> weight), so that the
+    dashboard can draw the weights of the last hour from history alone.
+    """
 
     kind: str  # "decision" | "intent" | "intent-removed"
     at: float
@@ -30,6 +34,7 @@ class HistoryEntry(Record):
     summary: str
     intent_id: str | None = None
     who: str | None = None
+    weights: Mapping[str, Mapping[str, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)

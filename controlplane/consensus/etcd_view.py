@@ -140,6 +140,8 @@ def encode_history(entry: HistoryEntry, intent: Intent | None = None) -> bytes:
         "intent_id": entry.intent_id,
         "who": entry.who,
     }
+    if entry.weights is not None:
+        data["weights"] = entry.weights
     if intent is not None:
         data["intent"] = intent_to_json(intent)
     return dumps(data)
@@ -154,6 +156,9 @@ def decode_history(value: bytes) -> tuple[HistoryEntry, Intent | None]:
         summary=str(data["summary"]),
         intent_id=None if data.get("intent_id") is None else str(data["intent_id"]),
         who=None if data.get("who") is None else str(data["who"]),
+        weights=None
+        if data.get("weights") is None
+        else {str(s): {str(r): int(w) for r, w in ws.items()} for s, ws in data["weights"].items()},
     )
     intent = intent_from_json(data["intent"]) if data.get("intent") is not None else None
     return entry, intent
