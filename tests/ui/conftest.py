@@ -102,7 +102,9 @@ class Browser:
     def js(self, script: str, *args: Any) -> Any:
         return self.driver.execute_script(script, *args)
 
-    def wait(self, check: Callable[[], Any], what: str, timeout_s: float = WAIT_S, interval_s: float = 0.02) -> Any:
+    def wait(
+        self, check: Callable[[], Any], what: str, timeout_s: float = WAIT_S, interval_s: float = 0.02
+    ) -> Any:
         deadline = time.monotonic() + timeout_s
         last: Any = None
         while time.monotonic() < deadline:
@@ -121,6 +123,18 @@ class Browser:
         self.artifacts.mkdir(parents=True, exist_ok=True)
         path = self.artifacts / f"{name}.png"
         self.driver.save_screenshot(str(path))
+        print(f"screenshot: {path}")
+        return path
+
+    def full_shot(self, path: Path) -> Path:
+        """The whole page, not only the viewport (for the README's picture)."""
+        import base64
+
+        data = self.driver.execute_cdp_cmd(
+            "Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True}
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data["data"]))
         print(f"screenshot: {path}")
         return path
 

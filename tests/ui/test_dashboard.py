@@ -7,6 +7,7 @@ artefacts directory (see conftest.py).
 
 from __future__ import annotations
 
+import signal
 import time
 import urllib.request
 from typing import Any
@@ -63,13 +64,30 @@ def give_token(browser: Browser, token: str, who: str = "ui-test") -> None:
     """Paste the token in the token dialog, as a person does."""
     d = browser.driver
     d.find_element(By.ID, "token-button").click()
-    browser.wait(lambda: d.find_element(By.ID, "token-dialog").get_attribute("open") is not None, "token dialog")
+    browser.wait(
+        lambda: d.find_element(By.ID, "token-dialog").get_attribute("open") is not None, "token dialog"
+    )
     d.find_element(By.NAME, "token").send_keys(token)
     who_field = d.find_element(By.NAME, "who")
     who_field.clear()
     who_field.send_keys(who)
     d.find_element(By.CSS_SELECTOR, "#token-form button[type=submit]").click()
-    browser.wait(lambda: d.find_element(By.ID, "token-dialog").get_attribute("open") is None, "token dialog closed")
+    browser.wait(
+        lambda: d.find_element(By.ID, "token-dialog").get_attribute("open") is None, "token dialog closed"
+    )
+
+
+def commit_intent(live: Live, agent: str, body: dict[str, Any], timeout_s: float = 30.0) -> str:
+    """POST an intent, again with the same id while the cluster elects a leader (503)."""
+    body = {**body, "id": f"uitest{time.monotonic_ns()}"}
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status, answer = live.api(agent, "/v1/intents", "POST", body)
+        if status in (200, 201, 202):
+            return str(answer["id"])
+        if status != 503 or time.monotonic() > deadline:
+            pytest.fail(f"POST /v1/intents on {agent} answered {status}: {answer}")
+        time.sleep(0.2)
 
 
 def severe(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -100,7 +118,9 @@ def test_page_loads_without_console_errors_and_shows_every_region_and_weight(
     browser.shot("01-loaded")
 
 
-def test_a_drain_made_with_cpctl_appears_on_the_page_without_a_reload(browser: Browser, restored: Live) -> None:
+def test_a_drain_made_with_cpctl_appears_on_the_page_without_a_reload(
+    browser: Browser, restored: Live
+) -> None:
     live = restored
     open_page(browser, live)
     browser.js("window.__noReload = 'still here';")
@@ -126,6 +146,22 @@ def test_a_drain_made_with_cpctl_appears_on_the_page_without_a_reload(browser: B
         "the standing intent listed",
     )
     browser.shot("02-cpctl-drain")
+    browser.full_shot(browser.artifacts / "02-cpctl-drain-full.png")
+
+    # Removing the drain: the region comes back through its ramp, shown as recovering.
+    (intent,) = live.get(live.ids[0], "/v1/intents")["intents"]
+    done = live.cpctl("intent", "rm", intent["id"], "--reason", "ui test: drain over", "--yes")
+    assert done.returncode == 0, done.stderr
+    detail = browser.wait(
+        lambda: browser.js(
+            "const li = document.querySelector('li.placement[data-service=order][data-region=cn-north]');"
+            "return li && li.dataset.state === 'recovering' ? li.querySelector('.detail').textContent : null;"
+        ),
+        "cn-north/order recovering on the page",
+        interval_s=0.01,
+    )
+    assert "ramp" in detail or "hold" in detail, detail
+    browser.shot("02-recovering")
 
 
 def test_a_drain_made_on_the_page_moves_the_weights_on_every_agent(browser: Browser, restored: Live) -> None:
@@ -135,7 +171,9 @@ def test_a_drain_made_on_the_page_moves_the_weights_on_every_agent(browser: Brow
     give_token(browser, live.token)
     d.find_element(By.CSS_SELECTOR, "#action-buttons button[data-kind=drain]").click()
     Select(d.find_element(By.CSS_SELECTOR, "#action-fields select[name=region]")).select_by_value("cn-south")
-    d.find_element(By.CSS_SELECTOR, "#action-fields input[name=reason]").send_keys("ui test: drain from the page")
+    d.find_element(By.CSS_SELECTOR, "#action-fields input[name=reason]").send_keys(
+        "ui test: drain from the page"
+    )
     commit = d.find_element(By.ID, "action-commit")
     assert not commit.is_enabled()  # nothing can be committed before the plan was shown
     d.find_element(By.ID, "action-plan").click()
@@ -207,7 +245,9 @@ def test_the_drain_dialog_works_with_the_keyboard_alone(browser: Browser, restor
     press(browser, Keys.ENTER)
     browser.wait(lambda: focused(browser)["inDialog"], "focus inside the drain dialog")
     press(browser, Keys.ESCAPE)
-    browser.wait(lambda: not browser.js("return document.getElementById('action-dialog').open"), "closed by Escape")
+    browser.wait(
+        lambda: not browser.js("return document.getElementById('action-dialog').open"), "closed by Escape"
+    )
     assert focused(browser)["kind"] == "drain"  # the focus went back to the button that opened it
     assert live.get(live.ids[0], "/v1/intents")["intents"] == []
 
@@ -277,7 +317,9 @@ def test_server_text_is_shown_as_text_never_as_html(browser: Browser, restored: 
 
 
 @pytest.mark.parametrize(("width", "height"), [(1280, 800), (375, 800)])
-def test_the_layout_fits_without_horizontal_overflow(browser: Browser, live: Live, width: int, height: int) -> None:
+def test_the_layout_fits_without_horizontal_overflow(
+    browser: Browser, live: Live, width: int, height: int
+) -> None:
     open_page(browser, live)
     browser.viewport(width, height)
     try:
@@ -294,13 +336,39 @@ def test_the_layout_fits_without_horizontal_overflow(browser: Browser, live: Liv
             ".map(n => n.getBoundingClientRect().right));"
         )
         assert widest <= width, f"something reaches {widest} px in a {width} px viewport"
-        browser.driver.execute_cdp_cmd(
-            "Emulation.setDeviceMetricsOverride",
-            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600},
-        )
         browser.shot(f"08-layout-{width}x{height}")
     finally:
         browser.driver.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
+
+
+def test_the_page_follows_its_agent_again_after_a_restart(browser: Browser, restored: Live) -> None:
+    live = restored
+    agent = live.ids[2]
+    open_page(browser, live, 2)
+    browser.js("window.__noReload = 'still here';")
+    url = browser.driver.current_url
+    live.cluster.kill_agent(agent, signal.SIGTERM)
+    browser.wait(
+        lambda: browser.js("return document.getElementById('conn').textContent") == "reconnecting", "lost"
+    )
+    restarted = time.monotonic()
+    live.cluster.start_agent(agent)
+    # Committed while the page's agent starts again (that takes seconds): the page must
+    # catch up when it resumes, from the last revision it saw.
+    commit_intent(
+        live,
+        live.ids[0],
+        {"kind": "drain", "region": "cn-east", "service": "order", "reason": "ui test: during a restart"},
+    )
+    browser.wait(
+        lambda: page_placements(browser)["order"]["cn-east"] == (0, "drained"),
+        "the drain on the page after the restart",
+        timeout_s=60,
+    )
+    print(f"the page followed {agent} again {time.monotonic() - restarted:.1f} s after it was started again")
+    assert browser.driver.current_url == url, "the page moved instead of resuming"
+    assert browser.js("return window.__noReload") == "still here"
+    browser.shot("09-after-restart")
 
 
 def test_cut_off_agent_shows_the_stale_banner_with_a_link_to_an_agent_with_quorum(
@@ -311,16 +379,17 @@ def test_cut_off_agent_shows_the_stale_banner_with_a_link_to_an_agent_with_quoru
     live.isolate(cut)
     link = browser.wait(
         lambda: browser.js(
-            "const a = document.getElementById('stale-peer-link'); return a ? [a.href, a.dataset.agent] : null;"
+            "const a = document.getElementById('stale-peer-link');"
+            "return a ? [a.href, a.dataset.agent] : null;"
         ),
         "the stale banner with a link",
     )
     href, agent = link
     assert agent != cut and href == live.url(agent) + "/ui/"
     assert live.get(agent, "/v1/cluster")["has_quorum"] is True
-    banner = browser.driver.find_element(By.CSS_SELECTOR, "[data-banner=stale]").text
+    banner = browser.js("return document.querySelector('[data-banner=stale]').textContent")
     assert cut in banner and "lost quorum" in banner
-    browser.shot("09-stale-banner")
+    browser.shot("10-stale-banner")
 
 
 def test_when_its_agent_is_killed_the_page_moves_to_another_and_keeps_working(
@@ -341,18 +410,21 @@ def test_when_its_agent_is_killed_the_page_moves_to_another_and_keeps_working(
         "a decision on the new agent",
     )
     assert served_by != gone and live.url(served_by) == url
-    moved = browser.driver.find_element(By.CSS_SELECTOR, "[data-banner=moved]").text
+    moved = browser.wait(
+        lambda: browser.js(
+            "const b = document.querySelector('[data-banner=moved]'); return b && b.textContent;"
+        ),
+        "the banner saying why the page moved",
+    )
     assert gone in moved
     # It keeps following live: a change committed now shows up.
-    status, answer = live.api(
+    commit_intent(
+        live,
         served_by,
-        "/v1/intents",
-        "POST",
         {"kind": "drain", "region": "cn-north", "service": "inventory", "reason": "ui test: after the move"},
     )
-    assert status in (200, 201), answer
     browser.wait(
         lambda: page_placements(browser)["inventory"]["cn-north"] == (0, "drained"),
         "the drain on the moved page",
     )
-    browser.shot("10-moved-to-another-agent")
+    browser.shot("11-moved-to-another-agent")

@@ -10,7 +10,7 @@ import { el, svg, fill, clock } from "./dom.js";
 
 const WINDOW_S = 3600;
 const W = 600;
-const H = 120;
+const H = 140;
 const PAD = { left: 28, right: 6, top: 6, bottom: 18 };
 
 /** Add a point (revision, time, weights by service and region) to `points` (a Map). */
@@ -38,10 +38,14 @@ export function renderCharts(model) {
   // The right edge is "now" on the leader's clock, estimated as the last decision's
   // time plus how long ago the page received it.
   const end = d.committed_at_unix + (Date.now() - model.receivedAt) / 1000;
-  const start = end - WINDOW_S;
   const series = [...model.points.values()].sort((a, b) => a.at - b.at);
+  // A cluster younger than the hour is drawn from its first decision (at least a
+  // minute), so that its few minutes are not squeezed against the right edge.
+  const oldest = series.length ? series[0].at : end;
+  const span = Math.min(WINDOW_S, Math.max(60, end - oldest));
+  const start = end - span;
   const regionsOrder = model.regionNames;
-  const x = (t) => PAD.left + ((Math.max(t, start) - start) / WINDOW_S) * (W - PAD.left - PAD.right);
+  const x = (t) => PAD.left + ((Math.max(t, start) - start) / span) * (W - PAD.left - PAD.right);
   const y = (w) => PAD.top + (1 - w / 100) * (H - PAD.top - PAD.bottom);
   const charts = Object.keys(d.services).map((service) => {
     const lines = regionsOrder.map((region, i) => {
@@ -65,9 +69,10 @@ export function renderCharts(model) {
       svg("line", { x1: PAD.left, x2: W - PAD.right, y1: y(w), y2: y(w), class: "grid" }),
       svg("text", { x: PAD.left - 4, y: y(w) + 3, class: "axis", "text-anchor": "end" }, String(w)),
     ]);
-    const ticks = [0, 15, 30, 45, 60].map((m) => {
-      const t = start + m * 60;
-      return svg("text", { x: x(t), y: H - 4, class: "axis", "text-anchor": m === 0 ? "start" : m === 60 ? "end" : "middle" }, m === 60 ? "now" : clock(t).slice(-8, -3));
+    const ticks = [0, 0.25, 0.5, 0.75, 1].map((f) => {
+      const t = start + f * span;
+      const label = f === 1 ? "now" : span < 600 ? clock(t).slice(-8) : clock(t).slice(-8, -3);
+      return svg("text", { x: x(t), y: H - 4, class: "axis", "text-anchor": f === 0 ? "start" : f === 1 ? "end" : "middle" }, label);
     });
     const legend = el(
       "ul",
@@ -77,7 +82,7 @@ export function renderCharts(model) {
     return el(
       "figure",
       { class: "chart", "data-service": service },
-      el("figcaption", {}, service),
+      el("figcaption", {}, service, el("span", { class: "muted" }, span < WINDOW_S ? ` since ${clock(start)}` : " last hour")),
       svg("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": `${service} weights by region over the last hour` }, grid, lines, ticks),
       legend,
     );

@@ -18,7 +18,9 @@ import { Actions, TokenDialog } from "./actions.js";
 import { addPoint, renderCharts, weightsOf } from "./chart.js";
 import * as view from "./view.js";
 
-const FALLBACK_AFTER_MS = 3000;
+// Long enough for an agent that restarts to come back (it is followed again where it
+// was), short enough that an engineer in an outage is not left looking at a dead one.
+const FALLBACK_AFTER_MS = 8000;
 const HISTORY_PAGES = 5;
 const HISTORY_PAGE = 500;
 
@@ -233,6 +235,7 @@ loadOnce();
 setInterval(() => {
   if (model.decision) {
     view.renderServices(model);
+    view.tickBanners(model);
     renderCharts(model);
   }
 }, 1000);

@@ -13,7 +13,7 @@ import { headers, unauthorized, ApiError } from "./api.js";
 
 const SILENCE_MS = 40000;
 const RETRY_MIN_MS = 500;
-const RETRY_MAX_MS = 4000;
+const RETRY_MAX_MS = 2000;
 
 export class Watch {
   /**

@@ -93,6 +93,17 @@ export function renderHeader(model) {
   if (c && c.cluster) document.title = `${c.cluster}: controlplane`;
 }
 
+/** How long this agent has been without quorum, counting on from what it last said. */
+function staleFor(model) {
+  return (model.decision.stale_s || 0) + (Date.now() - model.receivedAt) / 1000;
+}
+
+/** The once-a-second update of the banners: only the age, so a focused link keeps its focus. */
+export function tickBanners(model) {
+  const age = document.getElementById("stale-age");
+  if (age && model.decision && model.decision.stale) age.textContent = duration(staleFor(model));
+}
+
 /** Banners: what an on-call engineer must not miss. */
 export function renderBanners(model) {
   const d = model.decision;
@@ -109,7 +120,16 @@ export function renderBanners(model) {
     const link = peer
       ? el("a", { href: `${peer.origin}/ui/`, id: "stale-peer-link", "data-agent": peer.id }, `Open ${peer.id}, which has quorum`)
       : el("span", {}, model.peerSearch ? "Looking for an agent with quorum…" : "No other agent answers with quorum.");
-    out.push(banner("stale", el("strong", {}, "Stale: "), `${d.served_by} has lost quorum; it serves revision ${d.revision}, ${duration(d.stale_s)} old, which may no longer be in force. `, link));
+    out.push(
+      banner(
+        "stale",
+        el("strong", {}, "Stale: "),
+        `${d.served_by} has lost quorum (for `,
+        el("span", { id: "stale-age" }, duration(staleFor(model))),
+        `); it serves revision ${d.revision}, which may no longer be in force. `,
+        link,
+      ),
+    );
   }
   if (d && d.panic) {
     const services = (d.panic_services || []).join(", ");
@@ -144,7 +164,7 @@ export function renderCluster(model) {
       `${c.cluster} · backend ${c.backend} · term ${c.term} · commit index ${c.commit_index} · `,
       c.has_quorum ? el("span", { class: "good" }, "quorum") : el("span", { class: "bad" }, `no quorum for ${duration(c.stale_s)}`),
     ),
-    el("div", { class: "scroll-x" }, el("table", {}, el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "agent"), el("th", { scope: "col" }, "role"), el("th", { scope: "col" }, "link"), el("th", { scope: "col" }, "dashboard"))), el("tbody", {}, rows))),
+    el("div", { class: "scroll-x" }, el("table", {}, el("thead", {}, el("tr", {}, el("th", { scope: "col" }, "agent"), el("th", { scope: "col" }, "role"), el("th", { scope: "col" }, "connection"), el("th", { scope: "col" }, "dashboard"))), el("tbody", {}, rows))),
   );
 }
 
