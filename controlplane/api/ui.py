@@ -25,6 +25,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 
@@ -123,6 +124,46 @@ async def readyz_cors(request: web.Request, response: web.StreamResponse) -> Non
 def is_ui_path(path: str) -> bool:
     """Paths the dashboard's static files live at: open, like `/healthz` (see the module doc)."""
     return path in ("/", "/ui") or path.startswith(UI_PREFIX)
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The dashboard's routes in `/openapi.json` (which documents every route)."""
+    redirect = {
+        "get": {
+            "summary": "Redirects to the dashboard",
+            "responses": {
+                "302": {"description": "To /ui/"},
+                "200": {"description": "The dashboard (after the redirect)", "content": {"text/html": {}}},
+            },
+        }
+    }
+    return {
+        "/": redirect,
+        "/ui": redirect,
+        "/ui/": {
+            "get": {
+                "summary": "The live dashboard (open even with a read token; the page asks for it)",
+                "responses": {"200": {"description": "The page", "content": {"text/html": {}}}},
+            }
+        },
+        "/ui/{name}": {
+            "get": {
+                "summary": "One of the dashboard's static files",
+                "parameters": [
+                    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The file",
+                        "content": {
+                            t: {} for t in ("text/javascript", "text/css", "text/html", "image/svg+xml")
+                        },
+                    },
+                    "404": {"description": "Not one of the dashboard's files", "content": {"text/plain": {}}},
+                },
+            }
+        },
+    }
 
 
 def add_routes(app: web.Application) -> None:

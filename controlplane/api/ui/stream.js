@@ -27,6 +27,7 @@ export class Watch {
     this.failures = 0;
     this.downSince = null;
     this.controller = null;
+    this.wake = null;
   }
 
   start() {
@@ -42,6 +43,7 @@ export class Watch {
   /** Reconnect now (after a token was given, for example). */
   restart() {
     if (this.controller) this.controller.abort();
+    if (this.wake) this.wake();
   }
 
   async run() {
@@ -73,9 +75,15 @@ export class Watch {
     if (this.lastId !== null) extra["Last-Event-ID"] = this.lastId;
     const response = await fetch(this.path, { headers: headers(extra), cache: "no-store", signal: controller.signal });
     if (response.status === 401) {
-      unauthorized(new ApiError(401, null, this.path));
       await response.body?.cancel();
-      return false;
+      unauthorized(new ApiError(401, null, this.path));
+      // Asking again every few seconds would reopen the token dialog on a person who
+      // closed it: wait until a token is given (restart) instead.
+      await new Promise((resolve) => {
+        this.wake = resolve;
+      });
+      this.wake = null;
+      return true;
     }
     if (!response.ok || !response.body) {
       await response.body?.cancel();
