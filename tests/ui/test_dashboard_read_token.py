@@ -1,67 +1,60 @@
 """The dashboard on agents whose reads need a token: it asks for one, and a read token cannot act.
 
-In-process agents (the real API and decide loop on the in-memory store, see
-`controlplane.testing.inprocess`) are enough here: this is about what the page does with
-401 and 403 answers, not about processes or networks. They run on an event loop of their
-own thread so the browser calls can block.
+Three agent processes (the cluster of `tests/cli/conftest.py`) configured with a read
+token, as a cautious production deployment is.
 """
 
 from __future__ import annotations
 
-import asyncio
-import threading
 from collections.abc import Iterator
-from typing import Any
 
+import aiohttp
 import pytest
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-from controlplane.agent.node import Tokens
-from controlplane.testing.inprocess import ADMIN_TOKEN, InProcessCluster
-from tests.api.conftest import api_settings
+from controlplane.testing.localcluster import LocalCluster
+from controlplane.testing.reading import HTTP_TIMEOUT
+from tests.cli.conftest import Live, cli_config
 from tests.ui.conftest import Browser
 
 READ_TOKEN = "read-token-for-the-dashboard-test"
 
 
-class Guarded:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="ui-read-token", daemon=True)
-        self.cluster = InProcessCluster(api_settings(), tokens=Tokens(admin=ADMIN_TOKEN, read=READ_TOKEN))
+class GuardedCluster(LocalCluster):
+    """The harness reads the API without a token; here reads need one (the admin token)."""
 
-    def run(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
-
-    def url(self) -> str:
-        return next(iter(self.cluster.agents.values())).url
+    async def start(self, agents: bool = True) -> None:
+        await super().start(agents)
+        await self.session.close()
+        self._session = aiohttp.ClientSession(
+            timeout=HTTP_TIMEOUT, headers={"Authorization": f"Bearer {self.admin_token}"}
+        )
 
 
 @pytest.fixture(scope="module")
-def guarded(browser: Browser) -> Iterator[Guarded]:
-    g = Guarded()
-    g.thread.start()
+def guarded(request: pytest.FixtureRequest) -> Iterator[Live]:
+    config = cli_config()
+    config["auth"] = {**config["auth"], "read_token": {"env": "CONTROLPLANE_READ_TOKEN"}}
+    cluster = Live(config)
+    cluster.cluster = GuardedCluster(
+        config, with_proxies=True, extra_env={"CONTROLPLANE_READ_TOKEN": READ_TOKEN}
+    )
+    failed_before = request.session.testsfailed
     try:
-        g.run(g.cluster.__aenter__())
-        g.run(g.cluster.wait_for_revision(1))
-        yield g
+        cluster.start()
+        yield cluster
     finally:
-        try:
-            # The page's event stream would hold the in-process server open: leave first.
-            browser.driver.get("about:blank")
-            g.run(g.cluster.__aexit__(None, None, None))
-        finally:
-            g.loop.call_soon_threadsafe(g.loop.stop)
-            g.thread.join(10)
-            g.loop.close()
+        if request.session.testsfailed > failed_before:
+            print(cluster.logs())
+        cluster.stop()
 
 
 def test_the_page_asks_for_the_read_token_and_a_read_token_cannot_act(
-    browser: Browser, guarded: Guarded
+    browser: Browser, guarded: Live
 ) -> None:
     d = browser.driver
-    d.get(guarded.url() + "/ui/")
+    d.get(guarded.url(guarded.ids[0]) + "/ui/")
     browser.wait(
         lambda: browser.js("return document.getElementById('token-dialog').open"), "the token dialog"
     )
@@ -90,7 +83,6 @@ def test_the_page_asks_for_the_read_token_and_a_read_token_cannot_act(
         "the refusal",
     )
     assert "read-only token" in result
-    node = next(iter(guarded.cluster.agents.values())).node
-    assert not node.state().intents
-    assert node.state().decision is not None and node.state().decision.frozen is False
+    assert guarded.get(guarded.ids[0], "/v1/intents")["intents"] == []
+    assert guarded.decision(guarded.ids[1])["frozen"] is False
     browser.shot("21-read-token-cannot-act")
