@@ -6,7 +6,8 @@ simulated load balancer sends real requests by the committed weights. The script
 back, shows the recovery hold and the ramp, prints a traffic timeline and exits 0 when
 everything happened as it should (1 otherwise, saying what did not).
 
-`--serve` keeps the deployment running for a person to explore with curl and cpctl.
+`--serve` keeps the deployment running for a person to explore with a browser (the
+dashboard's URL is printed), curl and cpctl.
 """
 
 from __future__ import annotations
@@ -261,6 +262,7 @@ def weights_short(d: dict[str, Any]) -> str:
 async def serve_forever(out: Out, cluster: LocalCluster, token: str) -> int:
     first = next(iter(cluster.agents.values()))
     out()
+    out(f"dashboard: http://{first.http}/ui/  (paste the admin token there to act; every agent serves it)")
     out("the deployment keeps running; try:")
     print(
         f"""

@@ -34,7 +34,11 @@ ObservationKey = tuple[str, str, str]  # (observer, region, service)
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry(Record):
-    """One line of the audit trail: a committed decision, intent or intent removal."""
+    """One line of the audit trail: a committed decision, intent or intent removal.
+
+    A decision's entry keeps its weights (service -> region -> weight), so that the
+    dashboard can draw the weights of the last hour from history alone.
+    """
 
     kind: str  # "decision" | "intent" | "intent-removed" | "epoch"
     at: float
@@ -42,6 +46,7 @@ class HistoryEntry(Record):
     summary: str
     intent_id: str | None = None
     who: str | None = None
+    weights: Mapping[str, Mapping[str, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +136,7 @@ def observations_replace(
 
 
 def history_to_json(entry: HistoryEntry) -> dict[str, Any]:
-    return {
+    data: dict[str, Any] = {
         "kind": entry.kind,
         "at": entry.at,
         "revision": entry.revision,
@@ -139,6 +144,9 @@ def history_to_json(entry: HistoryEntry) -> dict[str, Any]:
         "intent_id": entry.intent_id,
         "who": entry.who,
     }
+    if entry.weights is not None:
+        data["weights"] = {s: dict(ws) for s, ws in entry.weights.items()}
+    return data
 
 
 def history_from_json(data: Mapping[str, Any]) -> HistoryEntry:
@@ -149,6 +157,9 @@ def history_from_json(data: Mapping[str, Any]) -> HistoryEntry:
         summary=str(data["summary"]),
         intent_id=None if data.get("intent_id") is None else str(data["intent_id"]),
         who=None if data.get("who") is None else str(data["who"]),
+        weights=None
+        if data.get("weights") is None
+        else {str(s): {str(r): int(w) for r, w in ws.items()} for s, ws in data["weights"].items()},
     )
 
 

@@ -182,6 +182,9 @@ def decision_entry(decision: Decision) -> HistoryEntry:
         revision=decision.revision,
         summary=decision_summary(decision),
         who=decision.leader or None,
+        weights={
+            s: {r: p.weight for r, p in placements.items()} for s, placements in decision.services.items()
+        },
     )
 
 

@@ -3,7 +3,9 @@
 Tokens are compared in constant time (`hmac.compare_digest`). Without a token a write
 gets 401; with the read token it gets 403. When no read token is configured, reads are
 open; when one is, every read needs the read or the admin token. `/healthz`, `/readyz`
-and `/metrics` stay open so orchestrators and Prometheus need no secret.
+and `/metrics` stay open so orchestrators and Prometheus need no secret, and so do the
+dashboard's static files (a browser cannot send a bearer token when it loads a page;
+the page itself then sends the token to the API).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hmac
 from aiohttp import web
 
 from controlplane.api.common import NODE
+from controlplane.api.ui import is_ui_path
 from controlplane.errors import Forbidden, Unauthorized
 
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
@@ -46,7 +49,7 @@ def require_write(request: web.Request) -> None:
 
 def require_read(request: web.Request) -> None:
     tokens = request.app[NODE].tokens
-    if tokens.read is None or request.path in OPEN_PATHS:
+    if tokens.read is None or request.path in OPEN_PATHS or is_ui_path(request.path):
         return
     token = _token(request)
     if token is None:

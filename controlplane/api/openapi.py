@@ -13,6 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from controlplane import __version__
 from controlplane.api import schemas as s
+from controlplane.api import ui
 
 JSON = "application/json"
 
@@ -214,6 +215,7 @@ def build() -> dict[str, Any]:
         },
         "/metrics": _get("Prometheus metrics", None, errors={}, media="text/plain"),
         "/openapi.json": _get("This document", None, errors={}, media=JSON),
+        **ui.openapi_paths(),
     }
     return {
         "openapi": "3.1.0",

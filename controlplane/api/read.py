@@ -372,7 +372,8 @@ async def get_regions(request: web.Request) -> web.StreamResponse:
             }
         agents = [a.id for a in node.settings.cluster.agents if a.region == spec.name]
         regions.append({"name": spec.name, "agents": agents, "services": services})
-    return json_response({"regions": regions})
+    demand = dict(node.settings.policy.demand_rps)
+    return json_response({"regions": regions, "demand_rps": demand})
 
 
 async def get_history(request: web.Request) -> web.StreamResponse:
@@ -399,6 +400,7 @@ async def get_history(request: web.Request) -> web.StreamResponse:
                 "summary": e.summary,
                 "intent_id": e.intent_id,
                 "who": e.who,
+                "weights": e.weights,
             }
             for e in page
         ],

@@ -252,6 +252,7 @@ class RegionOut(BaseModel):
 
 class RegionsOut(BaseModel):
     regions: list[RegionOut]
+    demand_rps: dict[str, float] = {}
 
 
 class HistoryEntryOut(BaseModel):
@@ -261,6 +262,7 @@ class HistoryEntryOut(BaseModel):
     summary: str
     intent_id: str | None
     who: str | None
+    weights: dict[str, dict[str, int]] | None = None
 
 
 class HistoryOut(BaseModel):
