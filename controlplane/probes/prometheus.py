@@ -220,7 +220,8 @@ class PrometheusCheck:
         self, session: aiohttp.ClientSession, server: str, query: str, budget_s: float
     ) -> Answer:
         url = f"{server.rstrip('/')}/api/v1/query"
-        form = {"query": query, "timeout": f"{max(budget_s, 0.001):.3f}s"}
+        # Prometheus durations are integers with units ("400ms"); "0.400s" is refused.
+        form = {"query": query, "timeout": f"{max(1, int(budget_s * 1000))}ms"}
         try:
             async with (
                 asyncio.timeout(budget_s),

@@ -8,6 +8,7 @@ hang or fail. The probe is real: real HTTP, real timeouts, real failover.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -75,7 +76,12 @@ class FakePrometheus:
         form = await request.post()
         query = str(form.get("query", ""))
         self.hits.append(query)
-        self.timeouts_asked.append(str(form.get("timeout", "")))
+        timeout = str(form.get("timeout", ""))
+        self.timeouts_asked.append(timeout)
+        if timeout and not re.fullmatch(r"([0-9]+(ms|s|m|h))+", timeout):
+            # What Prometheus 2.42 answers to a duration such as "0.400s".
+            detail = f'invalid parameter "timeout": cannot parse "{timeout}" to a valid duration'
+            return web.Response(status=400, body=error("bad_data", detail), content_type="application/json")
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         status, body = self.answers.get(query, (200, vector()))
@@ -209,7 +215,7 @@ async def test_a_healthy_region_is_up_with_latency_and_utilization_from_metrics(
     assert result.utilization == pytest.approx(0.93)  # the worst series
     assert sorted(prom.hits) == sorted([DOWN_Q, SLOW_Q, UTIL_Q])
     # Prometheus is told the time limit too, so it stops working when we stop waiting.
-    assert all(t.endswith("s") and 0 < float(t[:-1]) <= 0.5 for t in prom.timeouts_asked)
+    assert all(t.endswith("ms") and 0 < int(t[:-2]) <= 500 for t in prom.timeouts_asked), prom.timeouts_asked
 
 
 async def test_without_a_slow_query_there_is_no_latency(
