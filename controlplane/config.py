@@ -26,7 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controlplane.errors import ConfigError
-from controlplane.model import FeatureSpec, Policy, RegionSpec
+from controlplane.model import SHED_FRACTION_FLAG, FeatureSpec, Policy, RegionSpec
 from controlplane.promql import check_query, parse_condition
 
 NAME = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
@@ -489,6 +489,10 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
     problems.extend(_check_prometheus_targets(raw))
 
     for name, feature in mapping(raw.get("features")).items():
+        if name == SHED_FRACTION_FLAG:
+            problems.append(
+                f"features.{name}: the name is taken by the shed fraction's feature flag (got {name!r})"
+            )
         for j, service in enumerate(mapping(feature).get("services") or []):
             if service not in services:
                 problems.append(

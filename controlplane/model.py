@@ -309,6 +309,20 @@ class Decision(Record):
         )
 
 
+# The name of the float flag that carries `Decision.shed_fraction` next to the features.
+SHED_FRACTION_FLAG = "shed_fraction"
+
+
+def flags_of(decision: Decision) -> dict[str, bool | float]:
+    """A decision as feature flags: each feature a boolean, then `shed_fraction` a float.
+
+    What the agents' OFREP endpoints serve and the SDK's OpenFeature provider reads.
+    """
+    flags: dict[str, bool | float] = {name: bool(on) for name, on in decision.features.items()}
+    flags[SHED_FRACTION_FLAG] = float(decision.shed_fraction)
+    return flags
+
+
 # ---------------------------------------------------------------------------
 # JSON shapes (DESIGN.md "Shapes"): the API, the stores and the CLI share these.
 
