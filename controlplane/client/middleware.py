@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from controlplane.client.shedding import Priority, Shedder, Verdict
 
@@ -108,11 +109,7 @@ def refusal(verdict: Verdict, retry_after_s: int) -> tuple[dict[str, str], bytes
 # -- aiohttp --------------------------------------------------------------------------------
 
 
-def shedding_middleware(
-    shedder: Shedder, classify: Classify | None = None
-) -> Callable[
-    [web.Request, Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[web.StreamResponse]
-]:
+def shedding_middleware(shedder: Shedder, classify: Classify | None = None) -> Middleware:
     """An aiohttp middleware that refuses what `shedder` says to, before the handler runs."""
     classify = classify or Classifier()
 
