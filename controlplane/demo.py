@@ -267,8 +267,8 @@ async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer, app: Si
         print("\nDEMO FAILED:\n  " + "\n  ".join(problems))
         return 1
     print(
-        "\ndemo finished: outage detected, traffic moved, features switched off in the application, "
-        "region recovered through hold and ramp, features back on"
+        "\ndemo finished: outage detected, traffic moved, region recovered through hold and ramp; "
+        "the application switched the features off and back on"
     )
     return 0
 
