@@ -183,3 +183,18 @@ def test_soak(tmp_path: Path) -> None:
         assert len(data["samples"][agent]) >= 6
     assert data["counters"]["connects"] > 0 and data["counters"]["intents"] > 0
     assert data["limitations"]
+
+
+def test_flags(tmp_path: Path) -> None:
+    data = run_bench("flags", tmp_path, "--rounds", "2", "--checks", "1000")
+    assert set(data["propagation_ms"]) == {
+        "commit_s",
+        "ofrep-single",
+        "ofrep-bulk",
+        "flags-client",
+        "provider",
+    }
+    for reader, p in data["propagation_ms"].items():
+        assert set(p) >= PERCENTILES and p["n"] == 2, reader
+    assert len(data["rounds"]) == 2
+    assert data["shedder_check_us"] > 0
