@@ -15,11 +15,15 @@ it never skips them.
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from controlplane.testing.localcluster import LocalCluster, free_port, service_address
 from controlplane.testing.prometheuslocal import LocalPrometheus, ScrapeTarget
@@ -34,6 +38,8 @@ from tests.acceptance.conftest import (
 )
 
 pytestmark = [pytest.mark.acceptance]
+
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRAPE_INTERVAL_S = 0.5
 
@@ -221,3 +227,50 @@ def _after(deadline: float) -> Callable[[], Any]:
         return time.monotonic() >= deadline
 
     return passed
+
+
+def test_check_config_parses_every_query_with_promtool(tmp_path: Path) -> None:
+    """`check-config` hands the queries to Debian's promtool, which knows PromQL's grammar."""
+    from controlplane.probes.promtool import find_promtool
+
+    if find_promtool() is None:
+        pytest.fail("promtool is not installed: apt-get install -y prometheus")
+    controlplane = str(Path(sys.executable).with_name("controlplane"))
+    ok = subprocess.run(
+        [controlplane, "check-config", "-c", str(ROOT / "config" / "prometheus.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "10 PromQL queries parsed by" in ok.stdout
+
+    config = metrics_config("http://127.0.0.1:9090")
+    order = config["regions"]["cn-east"]["services"]["order"]["targets"][0]["prometheus"]
+    order["down"]["query"] = "nosuchfunc(up)"  # balanced, so only a real parser can tell
+    order["slow"]["query"] = "rate(x[5m]) by (le)"
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    bad = subprocess.run(
+        [controlplane, "check-config", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2, bad.stdout + bad.stderr
+    where = "regions.cn-east.services.order.targets[0].prometheus"
+    assert (
+        f'{where}.down.query: promtool: 1:1: parse error: unknown function with name "nosuchfunc"'
+        in bad.stderr
+    )
+    assert f"{where}.slow.query: promtool: " in bad.stderr
+    skipped = subprocess.run(
+        [controlplane, "check-config", "-c", str(path), "--promtool", "off"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert skipped.returncode == 0, "without promtool only the lexical check runs, and it passes"
