@@ -106,7 +106,7 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     async def on_change(observations: list[Observation]) -> None:
         for o in observations:
             started = failing_since.get((o.region, o.service))
-            if not o.up and started is not None:
+            if not o.up and o.inconclusive is None and started is not None:
                 metrics.observe_stages({"detection": o.at - started})
         await publish(node, observations)
 
