@@ -111,7 +111,7 @@ def test_promtool_checks_and_tests_the_alert_rules() -> None:
     promtool = require_binary("promtool", "prometheus")
     check = run([promtool, "check", "rules", str(ALERTS)])
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 14 rules found" in check.stdout, check.stdout
+    assert "SUCCESS: 15 rules found" in check.stdout, check.stdout
     tests = run([promtool, "test", "rules", ALERT_TESTS.name], cwd=ALERT_TESTS.parent)
     assert tests.returncode == 0, tests.stdout + tests.stderr
     names = {r["alert"] for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]}
@@ -123,6 +123,7 @@ def test_promtool_checks_and_tests_the_alert_rules() -> None:
         "ControlplaneFailoverBudgetExceeded",
         "ControlplaneFeaturesDegraded",
         "ControlplanePanic",
+        "ControlplaneProbesInconclusive",
     ):
         assert wanted in names
 
