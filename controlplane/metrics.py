@@ -40,6 +40,12 @@ class Metrics:
             ["region", "service", "observer"],
             registry=r,
         )
+        self.probe_inconclusive = Counter(
+            "controlplane_probe_inconclusive_total",
+            "Probes by this agent that could not tell (e.g. Prometheus unreachable); not failures",
+            ["region", "service", "observer"],
+            registry=r,
+        )
         self.verdict = Gauge(
             "controlplane_verdict",
             "Agreed verdict per service and region (0 up, 1 slow, 2 down, 3 unknown)",
@@ -111,9 +117,13 @@ class Metrics:
             "controlplane_failover_budget_seconds", "Configured failover budget", registry=r
         )
 
-    def observe_probe(self, region: str, service: str, ok: bool, duration_s: float) -> None:
+    def observe_probe(
+        self, region: str, service: str, ok: bool, duration_s: float, inconclusive: bool = False
+    ) -> None:
         self.probe_duration.labels(region, service, self.agent_id).observe(duration_s)
-        if not ok:
+        if inconclusive:
+            self.probe_inconclusive.labels(region, service, self.agent_id).inc()
+        elif not ok:
             self.probe_failures.labels(region, service, self.agent_id).inc()
 
     def observe_decision(self, decision: Decision) -> None:

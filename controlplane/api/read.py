@@ -365,7 +365,7 @@ async def get_regions(request: web.Request) -> web.StreamResponse:
                 "capacity_rps": spec.capacity_rps[service],
                 "base_weight": spec.base_weight[service],
                 "address": sc.data_address(),
-                "targets": [t.url for t in sc.targets],
+                "targets": [t.describe() for t in sc.targets],
                 "weight": p.weight if p else None,
                 "state": str(p.state) if p else None,
                 "verdict": str(p.verdict) if p else None,

@@ -225,6 +225,9 @@ class ObservationOut(BaseModel):
     utilization: float | None
     error: str | None
     impaired: str | None = Field(None, description="why the observer does not count as a witness")
+    inconclusive: str | None = Field(
+        None, description="why this observer's probes cannot tell (then no witness either way)"
+    )
     age_s: float
     fresh: bool
 
@@ -294,3 +297,39 @@ class WeightsOut(BaseModel):
 
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+
+
+# -- OFREP (the OpenFeature Remote Evaluation Protocol, core endpoints) --------------------
+
+
+class OfrepRequest(BaseModel):
+    context: dict[str, Any] | None = Field(
+        None, description="evaluation context (ignored: flags are fleet-wide)"
+    )
+
+
+class OfrepEvaluation(BaseModel):
+    key: str
+    value: bool | float = Field(description="a feature is a boolean flag; shed_fraction a float flag")
+    reason: Literal["STATIC"]
+    variant: str
+    metadata: dict[str, bool | int | float | str]
+
+
+class OfrepBulk(BaseModel):
+    flags: list[OfrepEvaluation]
+
+
+class OfrepFailure(BaseModel):
+    key: str
+    errorCode: Literal["PARSE_ERROR", "INVALID_CONTEXT", "FLAG_NOT_FOUND"]
+    errorDetails: str
+
+
+class OfrepBulkFailure(BaseModel):
+    errorCode: Literal["PARSE_ERROR", "INVALID_CONTEXT"]
+    errorDetails: str
+
+
+class OfrepGeneralError(BaseModel):
+    errorDetails: str

@@ -338,15 +338,20 @@ def observations(body: Json) -> RenderableType:
         latency = o.get("latency_ms")
         util = o.get("utilization")
         age = f"{ago(float(o.get('age_s', 0)))}" + ("" if o.get("fresh") else " (expired)")
+        if o.get("inconclusive"):
+            # Not a witness either way: the last state, marked as such.
+            state = Text(f"? (was {'up' if o.get('up') else 'down'})", style="yellow")
+        else:
+            state = Text("up", style="green") if o.get("up") else Text("DOWN", style="bold red")
         table.add_row(
             str(o.get("region")),
             str(o.get("service")),
             str(o.get("observer")),
-            Text("up", style="green") if o.get("up") else Text("DOWN", style="bold red"),
+            state,
             "-" if latency is None else f"{latency:.0f}",
             "-" if util is None else f"{util:.0%}",
             Text(age, style="" if o.get("fresh") else "dim"),
-            str(o.get("error") or ""),
+            str(o.get("inconclusive") or o.get("error") or ""),
         )
     return table
 

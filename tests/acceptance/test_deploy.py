@@ -125,6 +125,7 @@ def test_promtool_checks_and_tests_the_alert_rules() -> None:
         "ControlplaneFeaturesDegraded",
         "ControlplanePanic",
         "ControlplaneClockSkew",
+        "ControlplaneProbesInconclusive",
     ):
         assert wanted in names
 

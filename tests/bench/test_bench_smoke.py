@@ -198,3 +198,18 @@ def test_raft_engine(tmp_path: Path) -> None:
     assert set(data["commits"]["latency_leader_ms"]) >= {"n", "p50", "p99"}
     assert data["commits"]["throughput"]
     assert set(data["reelection"]) == {"defaults_0.4_0.8", "pysyncobj_like_0.3_0.6"}
+
+
+def test_flags(tmp_path: Path) -> None:
+    data = run_bench("flags", tmp_path, "--rounds", "2", "--checks", "1000")
+    assert set(data["propagation_ms"]) == {
+        "commit_s",
+        "ofrep-single",
+        "ofrep-bulk",
+        "flags-client",
+        "provider",
+    }
+    for reader, p in data["propagation_ms"].items():
+        assert set(p) >= PERCENTILES and p["n"] == 2, reader
+    assert len(data["rounds"]) == 2
+    assert data["shedder_check_us"] > 0
