@@ -9,6 +9,9 @@ STAMP  := $(VENV)/.installed
 # Debian packages the acceptance tests drive for real.
 TEST_DEBS := etcd-server etcd-client haproxy nginx prometheus redis-server redis-sentinel wrk iproute2 faketime chromium chromium-driver
 PYTEST_ARGS ?=
+# Test files run on this many workers (pytest-xdist, one file stays on one worker so its
+# module fixtures start once); most of the suite waits on real processes.
+PYTEST_WORKERS ?= 2
 
 .PHONY: demo test lint format venv system-deps clean unit
 
@@ -40,7 +43,7 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
