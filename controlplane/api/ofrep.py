@@ -33,14 +33,16 @@ from aiohttp import web
 from controlplane.api.auth import require_read
 from controlplane.api.common import NODE, json_response
 from controlplane.api.read import position
+from controlplane.errors import Rejected
 from controlplane.model import Decision, flags_of
 
 
-class _BadRequest(Exception):
+class _BadRequest(Rejected):
+    """A request OFREP answers 400 with its own error code (`PARSE_ERROR`, `INVALID_CONTEXT`)."""
+
     def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
+        super().__init__(detail, detail)
         self.code = code
-        self.detail = detail
 
 
 def _context_of(body: bytes) -> dict[str, Any]:
