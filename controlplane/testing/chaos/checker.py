@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
 from controlplane.testing.chaos.history import Fault, History, Read, Write
-from controlplane.testing.chaos.timeline import Timeline
+from controlplane.testing.chaos.timeline import DOWN_MODES, Timeline
 
 KINDS = (
     "agreement",
@@ -500,13 +500,11 @@ def _detection(c: _Check, served: Sequence[Read]) -> None:
     h = c.h
     for f in h["faults"]:
         if f["action"] == "backend":
-            changed = dict(f["resolved"].get("backends", {}))
-            mode = f["args"].get("mode")
-            if mode not in ("refuse", "blackhole", "503") or len(f["args"].get("regions", [])) == len(
-                h["regions"]
-            ):
-                continue
+            changed = {k: v for k, v in f["resolved"].get("backends", {}).items() if v in DOWN_MODES}
             pairs = [tuple(k.split("/", 1)) for k in changed]
+            if not pairs or len({g for g, _ in pairs}) == len(h["regions"]):
+                continue  # nothing went down to the probes, or every region did (panic)
+            mode = sorted(changed.values())[0]
             end = _healed_at(h, f)
             hits = [
                 r["first_hi"]

@@ -100,7 +100,7 @@ class History(TypedDict):
     baseline: dict[str, dict[str, int]]  # service -> region -> weight, before any fault
     started: float  # the agents were started
     faults_from: float  # the fault phase began
-    healed_at: float  # every fault healed and standing intents cleared
+    healed_at: float  # every fault healed (standing intents are cleared after it)
     ended: float  # the quiet period ended
     converged_at: float | None  # when every agent first served the converged decision
     reads: list[Read]

@@ -207,6 +207,29 @@ class _Run:
 
     # -- steps ------------------------------------------------------------------------
 
+    async def play_all(self) -> None:
+        """Every step at its time. A step that takes a while (an agent that is slow to stop)
+        holds up only the later steps of its own episode, never the other tracks."""
+        chains: dict[int, asyncio.Task[None]] = {}
+        try:
+            for step in self.schedule.steps:
+                delay = self.faults_from + step.at_s - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                chains[step.episode] = asyncio.create_task(self._after(chains.get(step.episode), step))
+            await asyncio.gather(*chains.values())
+            await asyncio.gather(*self.writes, return_exceptions=True)
+        finally:
+            for task in [*chains.values(), *self.writes]:
+                task.cancel()
+            await asyncio.gather(*chains.values(), *self.writes, return_exceptions=True)
+            self.writes.clear()
+
+    async def _after(self, previous: asyncio.Task[None] | None, step: Step) -> None:
+        if previous is not None:
+            await previous
+        await self.play(step)
+
     async def play(self, step: Step) -> None:
         resolved: dict[str, Any] = {}
         note = None
@@ -512,19 +535,13 @@ async def run_schedule(seed: int, options: Options, log: Any = None) -> History:
         await recorder.start()
         run = _Run(schedule, cluster, recorder, config)
         run.faults_from = time.monotonic()
-        for step in schedule.steps:
-            delay = run.faults_from + step.at_s - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await run.play(step)
-        await asyncio.gather(*run.writes, return_exceptions=True)
-        run.writes.clear()
+        await run.play_all()
         end_index = len(schedule.steps)
         await run.heal_all(end_index)
+        healed_at = time.monotonic()
         with contextlib.suppress(TimeoutError):
             await cluster.wait_ready(READY_TIMEOUT_S)
         await run.clear_intents(end_index + 1)
-        healed_at = time.monotonic()
         converged_at = None
         deadline = healed_at + options.quiet_max_s
         while time.monotonic() < deadline:
