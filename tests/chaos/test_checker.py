@@ -379,9 +379,18 @@ def test_write_availability_not_judged_in_a_minority() -> None:
     assert "write_availability" not in kinds_of(b.h)
 
 
+def test_crash_an_agent_that_exits_by_itself() -> None:
+    b = clean()
+    b.fault(F0 + 20, -1, "crashed", episode=0, agent="a2", stopped=["a2"], exit_code=1)
+    b.h["faults"][-1]["note"] = "Traceback ...\nRuntimeError: boom"
+    found = [v for v in check(b.h)["violations"] if v["kind"] == "crash"]
+    assert [v["agent"] for v in found] == ["a2"] and "boom" in found[0]["detail"]
+
+
 def test_every_kind_has_a_planted_test() -> None:
     """The list above covers every invariant the checker knows."""
     planted = {
+        "crash",
         "agreement",
         "uncommitted",
         "monotonic",

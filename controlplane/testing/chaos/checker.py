@@ -7,6 +7,7 @@ and the time (seconds into the fault phase), so it can be replayed and looked at
 
 Invariants (see tests/chaos/README.md for how each is judged and why):
 
+- `crash`: no agent process exits unless the schedule stopped it;
 - `agreement`: one content per (epoch, revision) across every agent and every read;
 - `uncommitted`: nothing served that the converged cluster's history does not hold
   (same revision, another commit);
@@ -40,6 +41,7 @@ from controlplane.testing.chaos.history import Fault, History, Read, Write
 from controlplane.testing.chaos.timeline import DOWN_MODES, Timeline
 
 KINDS = (
+    "crash",
     "agreement",
     "uncommitted",
     "monotonic",
@@ -108,6 +110,11 @@ def check(history: History) -> Report:
     tl = Timeline.replay(history["agents"], history["started"], history["faults"])
     c = _Check(history, tl)
     served = [r for r in history["reads"] if r["status"] == 200 and r["revision"] is not None]
+    for f in history["faults"]:
+        if f["action"] == "crashed":
+            tail = f.get("note", "").strip().splitlines()[-3:]
+            code = f["resolved"].get("exit_code")
+            c.flag("crash", f["at"], f["resolved"].get("agent"), f"exited by itself (code {code}): {tail}")
     _agreement(c, served)
     _uncommitted(c, served)
     _monotonic(c, served)

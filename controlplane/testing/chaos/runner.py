@@ -144,6 +144,7 @@ class _Run:
     acked: dict[str, str] = field(default_factory=dict)  # intent tag -> id
     client_ids: dict[str, str] = field(default_factory=dict)
     writes: list[asyncio.Task[None]] = field(default_factory=list)
+    expected_exit: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -191,6 +192,7 @@ class _Run:
     async def stop(self, agent: str, sig: signal.Signals) -> bool:
         if not self.running(agent):
             return False
+        self.expected_exit.add(agent)
         try:
             await self.cluster.stop_agent(agent, sig, timeout_s=STOP_TIMEOUT_S)
         except TimeoutError:
@@ -203,7 +205,28 @@ class _Run:
         if self.running(agent):
             return False
         self.cluster.start_agent(agent, extra_env=self.clock_env.get(agent))
+        self.expected_exit.discard(agent)
         return True
+
+    async def watch_exits(self) -> None:
+        """Record an agent process that exits without being told to, with its log's tail."""
+        while True:
+            for agent in self.agents:
+                proc = self.cluster.agents[agent].proc
+                if proc is None or agent in self.expected_exit or proc.poll() is None:
+                    continue
+                self.expected_exit.add(agent)
+                self.paused.discard(agent)
+                tail = self.cluster.log_of(agent)[-1500:]
+                self.recorder.fault(
+                    -1,
+                    0,
+                    "crashed",
+                    {},
+                    {"agent": agent, "stopped": [agent], "exit_code": proc.returncode},
+                    note=tail,
+                )
+            await asyncio.sleep(0.25)
 
     # -- steps ------------------------------------------------------------------------
 
@@ -267,7 +290,10 @@ class _Run:
                     self.clock_env.pop(agent, None)
                 resolved["offset_s"] = offset
                 if await self.stop(agent, signal.SIGTERM):
-                    resolved["stopped"] = [agent]
+                    # It stops serving when signalled, however long it takes to exit.
+                    self.recorder.fault(
+                        step.index, step.episode, action, step.args, {**resolved, "stopped": [agent]}, at=at
+                    )
                     at = time.monotonic()
                     self.start(agent)
                     resolved["started"] = [agent]
@@ -405,14 +431,17 @@ class _Run:
             await self.cluster.heal_region(region)
         resolved["backends"] = dict.fromkeys(probe_kinds(self.config), "up")
         stopped, started = [], []
+        at = time.monotonic()
         for agent in sorted(self.clock_env):
             if await self.stop(agent, signal.SIGTERM):
                 stopped.append(agent)
         self.clock_env.clear()
+        if stopped:
+            self.recorder.fault(index, 0, "heal_all", {}, {"stopped": stopped}, at=at)
         for agent in self.agents:
             if self.start(agent):
                 started.append(agent)
-        resolved["stopped"], resolved["started"] = stopped, started
+        resolved["started"] = started
         self.recorder.fault(index, 0, "heal_all", {}, resolved)
 
     async def clear_intents(self, index: int) -> None:
@@ -535,7 +564,12 @@ async def run_schedule(seed: int, options: Options, log: Any = None) -> History:
         await recorder.start()
         run = _Run(schedule, cluster, recorder, config)
         run.faults_from = time.monotonic()
-        await run.play_all()
+        watchdog = asyncio.create_task(run.watch_exits())
+        try:
+            await run.play_all()
+        finally:
+            watchdog.cancel()
+            await asyncio.gather(watchdog, return_exceptions=True)
         end_index = len(schedule.steps)
         await run.heal_all(end_index)
         healed_at = time.monotonic()
