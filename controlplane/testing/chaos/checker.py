@@ -512,6 +512,11 @@ def _detection(c: _Check, served: Sequence[Read]) -> None:
             if not pairs or len({g for g, _ in pairs}) == len(h["regions"]):
                 continue  # nothing went down to the probes, or every region did (panic)
             mode = sorted(changed.values())[0]
+            before = [r for r in served if r["stale"] is False and r["first_hi"] <= f["at"]]
+            if before:
+                last = h["contents"].get(max(before, key=lambda r: r["last_hi"])["content"] or "", {})
+                if all(_weight(last, g, s) == 0 for g, s in pairs):
+                    continue  # already out (drained, or down from an earlier fault)
             end = _healed_at(h, f)
             hits = [
                 r["first_hi"]
