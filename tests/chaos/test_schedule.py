@@ -10,7 +10,7 @@ import time
 import pytest
 
 from controlplane.testing.chaos.history import Fault
-from controlplane.testing.chaos.runner import FAKETIME_LIB, Options, cluster_config, shape_of
+from controlplane.testing.chaos.runner import Options, cluster_config, faketime_env, shape_of
 from controlplane.testing.chaos.schedule import LEADER, Shape, generate, partition_groups
 from controlplane.testing.chaos.timeline import Timeline
 
@@ -103,12 +103,20 @@ def test_the_chaos_config_has_five_agents_and_tcp_aware_shape() -> None:
     assert etcd_shape.mix["partition"] == 0
 
 
-def test_libfaketime_moves_wall_time_and_not_monotonic() -> None:
-    """What the clock step relies on: a Python process under libfaketime is 30 s ahead."""
-    code = "import time; print(time.time(), time.monotonic())"
-    env = {**os.environ, "LD_PRELOAD": FAKETIME_LIB, "FAKETIME": "+30s", "DONT_FAKE_MONOTONIC": "1"}
-    before_wall, before_mono = time.time(), time.monotonic()
+@pytest.mark.parametrize("offset_s", [30.0, -30.0])
+def test_libfaketime_moves_wall_time_and_keeps_intervals(offset_s: float) -> None:
+    """What the clock step relies on: under `faketime_env` a Python process's wall clock is
+    off by the offset, while sleeping (in a thread too, as pysyncobj does) works and an
+    interval on the monotonic clock is still the real one."""
+    code = (
+        "import threading, time\n"
+        "t = threading.Thread(target=time.sleep, args=(0.01,)); t.start(); t.join()\n"
+        "m = time.monotonic(); time.sleep(0.3); print(time.time(), time.monotonic() - m)\n"
+    )
+    env = {**os.environ, **faketime_env(offset_s)}
+    before = time.time()
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    wall, mono = (float(x) for x in out.stdout.split())
-    assert 29 < wall - before_wall < 35
-    assert 0 <= mono - before_mono < 5
+    after = time.time()
+    wall, slept = (float(x) for x in out.stdout.split())
+    assert before + offset_s - 1 < wall < after + offset_s + 1
+    assert 0.29 < slept < 1.0

@@ -42,6 +42,20 @@ from controlplane.testing.etcdlocal import LocalEtcd
 from controlplane.testing.localcluster import LocalCluster, free_port, load_demo_config, remap_ports
 
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def faketime_env(offset_s: float) -> dict[str, str]:
+    """Environment that runs a process with its wall clock `offset_s` off.
+
+    Not `DONT_FAKE_MONOTONIC=1`: with Debian's libfaketime 0.9.10 it makes every
+    `time.sleep` fail with EINVAL (clock_nanosleep with an absolute monotonic deadline),
+    which killed pysyncobj's tick thread and left the agent unable to join. Without it the
+    monotonic clock gets a constant offset too: its epoch is arbitrary and every interval
+    measured on it is unchanged (tests/chaos/test_schedule.py checks both).
+    """
+    return {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": f"{offset_s:+g}s"}
+
+
 EXTRA_AGENTS = (("agent-east-2", "cn-east"), ("agent-south-2", "cn-south"))
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
@@ -281,11 +295,7 @@ class _Run:
             else:
                 offset = float(step.args.get("offset_s", 0.0)) if action == "clock" else 0.0
                 if action == "clock":
-                    self.clock_env[agent] = {
-                        "LD_PRELOAD": FAKETIME_LIB,
-                        "FAKETIME": f"{offset:+g}s",
-                        "DONT_FAKE_MONOTONIC": "1",
-                    }
+                    self.clock_env[agent] = faketime_env(offset)
                 else:
                     self.clock_env.pop(agent, None)
                 resolved["offset_s"] = offset
