@@ -379,6 +379,14 @@ def test_write_availability_not_judged_in_a_minority() -> None:
     assert "write_availability" not in kinds_of(b.h)
 
 
+def test_write_availability_not_judged_across_a_change_in_flight() -> None:
+    """A partition while the write is in flight may cut its leader off: "retry" is fair."""
+    b = clean()
+    b.fault(F0 + 20.2, 8, "partition", episode=4, cut=[["a2", "a3"], ["a3", "a2"]])
+    b.write("a1", F0 + 20, 503, {"error": "leadership changed"}, received=F0 + 20.6)
+    assert "write_availability" not in kinds_of(b.h)
+
+
 def test_crash_an_agent_that_exits_by_itself() -> None:
     b = clean()
     b.fault(F0 + 20, -1, "crashed", episode=0, agent="a2", stopped=["a2"], exit_code=1)

@@ -26,7 +26,8 @@ Invariants (see tests/chaos/README.md for how each is judged and why):
   decision at its revision or later on every agent, and still known to every agent at
   the end;
 - `read_availability` / `write_availability`: reads answered while the agent runs and is
-  not stopped; writes succeed while the agent is in a connected majority.
+  not stopped; writes succeed while the agent is in a connected majority that nothing
+  changed in for `write_settle_s` before the write and until its answer.
 """
 
 from __future__ import annotations
@@ -481,12 +482,14 @@ def _write_availability(c: _Check) -> None:
     for w in c.h["writes"]:
         if 200 <= w["status"] < 500:
             continue  # done, or refused for what it asked (409 unsafe, 404 not standing)
-        worlds = c.timeline.between(w["sent"] - p["write_settle_s"], w["received"])
+        since = w["sent"] - p["write_settle_s"]
+        worlds = c.timeline.between(since, w["received"])
         agents = c.h["agents"]
         if not all(w["agent"] in world.majority(agents) for world in worlds):
             continue
-        first = c.timeline.at(w["sent"])
-        if first.topology_at > w["sent"] - p["write_settle_s"]:
+        # A change while the write was in flight may depose the leader that had it
+        # (the answer then says "retry"): judged only when nothing changed.
+        if any(world.topology_at > since for world in worlds):
             continue
         c.flag(
             "write_availability",
