@@ -32,6 +32,7 @@ Invariants (see tests/chaos/README.md for how each is judged and why):
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -63,6 +64,7 @@ class Violation(TypedDict):
     at: float  # seconds since the fault phase began
     agent: str | None
     detail: str
+    context: list[str]  # the last faults before it (intents left out), oldest first
 
 
 class Report(TypedDict):
@@ -80,6 +82,35 @@ class _Check:
     latencies: dict[str, list[float]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     _seen: set[tuple[str, str | None, str]] = field(default_factory=set)
+
+    def context_at(self, t: float, agent: str | None, count: int = 3) -> list[str]:
+        """The last `count` faults before `t`, and the last one that touched `agent`."""
+        recent = sorted(
+            (f for f in self.h["faults"] if f["at"] <= t and f["action"] not in ("intent", "delete_intent")),
+            key=lambda f: f["at"],
+        )
+        chosen = recent[-count:]
+        own = [f for f in recent if agent is not None and agent in json.dumps(f["resolved"])]
+        if own and own[-1] not in chosen:
+            chosen = [own[-1], *chosen]
+        out = []
+        for f in chosen:
+            what = f["args"].get("kind") or f["args"].get("mode") or ""
+            agent = f["resolved"].get("agent") or ""
+            changed = [k for k in ("stopped", "started", "paused", "resumed") if f["resolved"].get(k)]
+            out.append(
+                " ".join(
+                    x
+                    for x in (
+                        f"step {f['step']} t+{f['at'] - self.h['faults_from']:.1f}s {f['action']}",
+                        str(what),
+                        str(agent),
+                        "/".join(changed),
+                    )
+                    if x
+                )
+            )
+        return out
 
     def step_at(self, t: float) -> int | None:
         step = None
@@ -102,6 +133,7 @@ class _Check:
                 at=round(t - self.h["faults_from"], 3),
                 agent=agent,
                 detail=detail,
+                context=self.context_at(t, agent),
             )
         )
 

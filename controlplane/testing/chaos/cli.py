@@ -107,7 +107,7 @@ async def run_many(args: argparse.Namespace, options: Options) -> list[Report]:
             flush=True,
         )
         for v in report["violations"][:20]:
-            print(f"  {describe(v)}", flush=True)
+            print(f"  {describe(v)}\n      after: {'; '.join(v.get('context', []))}", flush=True)
     elapsed = time.monotonic() - began
     table = summary_table(reports, elapsed_s=elapsed, errors=errors)
     print(table)
