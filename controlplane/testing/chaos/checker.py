@@ -32,7 +32,6 @@ Invariants (see tests/chaos/README.md for how each is judged and why):
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
@@ -90,7 +89,11 @@ class _Check:
             key=lambda f: f["at"],
         )
         chosen = recent[-count:]
-        own = [f for f in recent if agent is not None and agent in json.dumps(f["resolved"])]
+        own = [
+            f
+            for f in recent
+            if any(agent in f["resolved"].get(k, ()) for k in ("started", "stopped", "paused", "resumed"))
+        ]
         if own and own[-1] not in chosen:
             chosen = [own[-1], *chosen]
         out = []
