@@ -7,7 +7,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the acceptance tests drive for real.
-TEST_DEBS := etcd-server etcd-client haproxy nginx prometheus redis-server redis-sentinel wrk iproute2 faketime
+TEST_DEBS := etcd-server etcd-client haproxy nginx prometheus redis-server redis-sentinel wrk iproute2 faketime chromium chromium-driver
 PYTEST_ARGS ?=
 
 # `make chaos`: seeded fault schedules against real agents, checked (tests/chaos/README.md).

@@ -433,9 +433,14 @@ def execute(
 ) -> None:
     """Every benchmark's main: wait for a quiet machine if asked, run in a temp dir, write JSON."""
     args.quiet_wait = wait_for_quiet(args.max_load, args.wait_quiet) if args.wait_quiet > 0 else None
+    load_before = loadavg()
     with temp_workdir(name) as workdir:
         try:
-            result: Mapping[str, Any] = asyncio.run(run(args, workdir))
+            result = dict(asyncio.run(run(args, workdir)))
         except MissingBinary as e:
             raise SystemExit(str(e)) from None
+    # What every benchmark's JSON carries, whether or not its run filled it in.
+    result.setdefault("load_before", load_before)
+    result.setdefault("load_after", loadavg())
+    result.setdefault("quiet_wait", args.quiet_wait)
     write_json(args.json, result)

@@ -155,7 +155,7 @@ async def sse_watcher(host: str, port: int, index: int, w: Watcher, connected: a
             if not line:
                 raise ConnectionError("stream closed")
             if line.startswith(b"id: "):
-                revision = int(line[4:])
+                revision = int(line[4:].rpartition(b".")[2])  # epoch.revision
             elif line.startswith(b"data: ") and revision >= 0:
                 w.got(revision, time.time())
     finally:

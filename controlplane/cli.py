@@ -103,18 +103,54 @@ def agent(config_path: str, agent_id: str | None, data_dir: Path | None, log_lev
 
 @main.command("check-config")
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def check_config(config_path: str) -> None:
-    """Validate a configuration file and print a summary; exit 2 when it is wrong."""
+@click.option(
+    "--no-secrets", is_flag=True, help="Do not resolve secrets (on a machine that does not have them)."
+)
+@click.option(
+    "--promtool",
+    "promtool",
+    default="auto",
+    show_default=True,
+    help="Also parse every PromQL query with promtool: auto (when on PATH), off, or a path.",
+)
+def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
+    """Validate a configuration file and its secrets, print a summary; exit 2 when wrong.
+
+    Secrets (cluster secret, tokens) are resolved from their environment variables or
+    files as the agent would resolve them, and checked (at least 16 bytes, no example
+    placeholder); their values are never printed. PromQL queries are parsed by promtool
+    when it is installed.
+    """
     from controlplane.config import load_settings
+    from controlplane.daemon import resolve_tokens
+    from controlplane.probes import promtool as promtool_check
 
     try:
         s = load_settings(config_path)
+        if not no_secrets:
+            resolve_tokens(s)
     except ConfigError as e:
         fail_config(e, config_path)
         return
+    found = promtool_check.queries(s)
+    if found and promtool != "off":
+        binary = promtool_check.find_promtool(None if promtool == "auto" else promtool)
+        if binary is None:
+            click.echo(
+                f"{config_path}: promtool not found (Debian package prometheus): "
+                f"{len(found)} PromQL queries checked for brackets and quotes only",
+                err=True,
+            )
+        else:
+            problems = promtool_check.check_queries(found, binary)
+            if problems:
+                fail_config(ConfigError(problems), config_path)
+                return
+            click.echo(f"{config_path}: {len(found)} PromQL queries parsed by {binary}")
+    secrets = "not checked" if no_secrets else "resolved and strong"
     click.echo(
         f"{config_path}: ok: {len(s.cluster.agents)} agents, {len(s.policy.regions)} regions, "
-        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}"
+        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, secrets {secrets}"
     )
 
 

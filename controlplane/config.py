@@ -26,7 +26,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from controlplane.errors import ConfigError
-from controlplane.model import FeatureSpec, Policy, RegionSpec
+from controlplane.model import SHED_FRACTION_FLAG, FeatureSpec, Policy, RegionSpec
+from controlplane.promql import check_query, parse_condition
 
 NAME = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
 Name = Annotated[str, Field(pattern=NAME)]
@@ -57,21 +58,50 @@ class SecretRef(_Strict):
             raise ValueError("give exactly one of env or file")
         return self
 
-    def resolve(self, path: str) -> str:
-        """The secret's value; `ConfigError` naming `path` when it is missing or empty."""
+    def resolve(self, path: str, *, strong: bool = True) -> str:
+        """The secret's value; `ConfigError` naming `path` when it is missing, empty or weak.
+
+        Weak (checked when `strong`, for the secrets this product chooses: the cluster
+        secret and its tokens; not for a credential of another system, such as an etcd
+        password): shorter than `MIN_SECRET_BYTES`, or a placeholder left from an example
+        (`CHANGE-ME...`). The value itself is never put in the message.
+        """
         if self.env is not None:
+            where = f"{path}.env"
             value = os.environ.get(self.env, "")
             if not value:
-                raise ConfigError([f"{path}.env: environment variable {self.env} is not set or empty"])
-            return value
-        assert self.file is not None  # guaranteed by model_post_init
-        try:
-            value = self.file.read_text(encoding="utf-8").strip()
-        except OSError as e:
-            raise ConfigError([f"{path}.file: cannot read ({self.file}: {e.strerror})"]) from e
-        if not value:
-            raise ConfigError([f"{path}.file: file is empty ({self.file})"])
+                raise ConfigError([f"{where}: environment variable {self.env} is not set or empty"])
+        else:
+            assert self.file is not None  # guaranteed by _one_source
+            where = f"{path}.file"
+            try:
+                value = self.file.read_bytes().decode("utf-8").strip()
+            except OSError as e:
+                raise ConfigError([f"{where}: cannot read ({self.file}: {e.strerror})"]) from e
+            except UnicodeDecodeError:
+                raise ConfigError([f"{where}: not UTF-8 text ({self.file})"]) from None
+            if not value:
+                raise ConfigError([f"{where}: file is empty ({self.file})"])
+        weak = weakness(value) if strong else None
+        if weak:
+            raise ConfigError([f"{where}: {weak}"])
         return value
+
+
+MIN_SECRET_BYTES = 16
+_PLACEHOLDERS = ("change-me", "changeme", "change_me", "replace-me", "replaceme", "placeholder", "your-")
+
+
+def weakness(secret: str) -> str | None:
+    """Why `secret` is too weak to protect a control plane (None when it is fine)."""
+    size = len(secret.encode())
+    if size < MIN_SECRET_BYTES:
+        return f"must be at least {MIN_SECRET_BYTES} bytes (got {size} bytes)"
+    lowered = secret.lower()
+    for placeholder in _PLACEHOLDERS:
+        if placeholder in lowered:
+            return f"is a placeholder from an example (contains {placeholder!r}): set a real secret"
+    return None
 
 
 class AgentConfig(_Strict):
@@ -103,6 +133,29 @@ class ClusterConfig(_Strict):
         return v
 
 
+HTTP_URL = r"^https?://[^/\s]+(/\S*)?$"
+
+
+def _server_urls(v: tuple[str, ...]) -> tuple[str, ...]:
+    for url in v:
+        if not re.match(HTTP_URL, url):
+            raise ValueError(f"must be http://host:port or https://host:port/prefix (got {url!r})")
+    if len(set(v)) != len(v):
+        raise ValueError("lists a server twice")
+    return v
+
+
+class PrometheusDefaults(_Strict):
+    """Prometheus servers every `prometheus` target asks unless it names its own."""
+
+    servers: Annotated[tuple[str, ...], Field(max_length=8)] = ()
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _server_urls(v)
+
+
 class ProbeDefaults(_Strict):
     interval_s: PositiveFloat = 1.0
     timeout_s: PositiveFloat = 0.8
@@ -110,12 +163,64 @@ class ProbeDefaults(_Strict):
     fall: Annotated[int, Field(ge=1, le=100)] = 3
     expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = ()
     max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
+    prometheus: PrometheusDefaults = PrometheusDefaults()
+
+
+def _query(v: str) -> str:
+    problem = check_query(v)
+    if problem is not None:
+        raise ValueError(f"not a valid PromQL query: {problem}")
+    return v
+
+
+class PromQueryConfig(_Strict):
+    """A PromQL query giving one number (or one per series; the worst counts)."""
+
+    query: str
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, v: str) -> str:
+        return _query(v)
+
+
+class PromDownConfig(PromQueryConfig):
+    """Down when the query's value meets `when` (`== 0`, `> 0.05`) for `for_s` seconds."""
+
+    when: str
+    for_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 0.0
+    # How reasons name the rule ("error ratio"); the query itself when not given.
+    name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
+
+    @field_validator("when")
+    @classmethod
+    def _when(cls, v: str) -> str:
+        parse_condition(v)
+        return v
+
+
+class PrometheusTargetConfig(_Strict):
+    """A target judged from metrics: `down` decides, `slow` (seconds) and `utilization` (0..1) inform."""
+
+    servers: Annotated[tuple[str, ...], Field(min_length=1, max_length=8)] | None = None
+    down: PromDownConfig
+    slow: PromQueryConfig | None = None
+    utilization: PromQueryConfig | None = None
+
+    @field_validator("servers")
+    @classmethod
+    def _servers(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if v is None else _server_urls(v)
 
 
 class TargetConfig(_Strict):
-    """One probe target. `url` is http(s)://... or tcp://host:port; the rest override `probes`."""
+    """One probe target: `url` (http(s)://... or tcp://host:port) or `prometheus`.
 
-    url: str
+    The timing fields override `probes`.
+    """
+
+    url: str | None = None
+    prometheus: PrometheusTargetConfig | None = None
     interval_s: PositiveFloat | None = None
     timeout_s: PositiveFloat | None = None
     rise: Annotated[int, Field(ge=1, le=100)] | None = None
@@ -124,13 +229,26 @@ class TargetConfig(_Strict):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
-        if re.match(r"^https?://[^/\s]+(/\S*)?$", v):
+    def _url(cls, v: str | None) -> str | None:
+        if v is None or re.match(HTTP_URL, v):
             return v
         if v.startswith("tcp://"):
             _host_port(v.removeprefix("tcp://"))
             return v
         raise ValueError("must be http://host:port/path, https://... or tcp://host:port")
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> TargetConfig:
+        if (self.url is None) == (self.prometheus is None):
+            raise ValueError("give exactly one of url or prometheus")
+        return self
+
+    def describe(self) -> str:
+        """What is probed, in one line: the URL, or the Prometheus down rule."""
+        if self.prometheus is not None:
+            down = self.prometheus.down
+            return f"prometheus: {' '.join(down.query.split())} {down.when}"
+        return str(self.url)
 
 
 def _target(value: Any) -> Any:
@@ -151,12 +269,13 @@ class RegionServiceConfig(_Strict):
         return None if v is None else _host_port(v)
 
     def data_address(self) -> str:
+        """`address`, or the host:port of the first target with a URL."""
         if self.address is not None:
             return self.address
-        rest = self.targets[0].url.split("://", 1)[1]
-        hostport = rest.split("/", 1)[0]
+        url = next(t.url for t in self.targets if t.url is not None)
+        hostport = url.split("://", 1)[1].split("/", 1)[0]
         if ":" not in hostport:
-            hostport += ":443" if self.targets[0].url.startswith("https") else ":80"
+            hostport += ":443" if url.startswith("https") else ":80"
         return hostport
 
     @field_validator("targets", mode="before")
@@ -226,8 +345,11 @@ class RaftConfig(_Strict):
     election_timeout_min_s: PositiveFloat = 0.4
     election_timeout_max_s: PositiveFloat = 0.8
     heartbeat_s: PositiveFloat = 0.05
-    leader_fallback_s: PositiveFloat = 1.5
     commit_timeout_s: PositiveFloat = 3.0
+    # How long after its last confirmation a member still calls its decision fresh.
+    fresh_window_s: PositiveFloat = 1.0
+    # A snapshot (and a shorter journal) after this many entries since the last one.
+    snapshot_entries: Annotated[int, Field(ge=10, le=10_000_000)] = 5000
 
 
 class TlsConfig(_Strict):
@@ -396,7 +518,13 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
     if isinstance(quorum, int) and isinstance(agents, list) and quorum > len(agents):
         problems.append(f"policy.observer_quorum: more than the {len(agents)} agents (got {quorum})")
 
+    problems.extend(_check_prometheus_targets(raw))
+
     for name, feature in mapping(raw.get("features")).items():
+        if name == SHED_FRACTION_FLAG:
+            problems.append(
+                f"features.{name}: the name is taken by the shed fraction's feature flag (got {name!r})"
+            )
         for j, service in enumerate(mapping(feature).get("services") or []):
             if service not in services:
                 problems.append(
@@ -440,6 +568,37 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+def _check_prometheus_targets(raw: Mapping[str, Any]) -> list[str]:
+    """Prometheus targets need servers from somewhere; services need a data address."""
+
+    def mapping(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    problems: list[str] = []
+    default_servers = mapping(mapping(raw.get("probes")).get("prometheus")).get("servers")
+    for region_name, region in mapping(raw.get("regions")).items():
+        for service_name, service in mapping(mapping(region).get("services")).items():
+            where = f"regions.{region_name}.services.{service_name}"
+            targets = mapping(service).get("targets")
+            targets = targets if isinstance(targets, list) else []
+            with_url = False
+            for i, target in enumerate(targets):
+                if isinstance(target, str) or mapping(target).get("url") is not None:
+                    with_url = True
+                prometheus = mapping(target).get("prometheus") if isinstance(target, Mapping) else None
+                if isinstance(prometheus, Mapping) and not prometheus.get("servers") and not default_servers:
+                    problems.append(
+                        f"{where}.targets[{i}].prometheus.servers: required here or in "
+                        "probes.prometheus.servers (got none)"
+                    )
+            if targets and not with_url and mapping(service).get("address") is None:
+                problems.append(
+                    f"{where}.address: required when every target is a prometheus probe "
+                    "(load balancers need the service's host:port) (got none)"
+                )
+    return problems
+
+
 # Time from an observer's last failed probe to a committed decision that load balancers
 # can read: delivering the observation, deciding, committing it through consensus.
 COMMIT_ALLOWANCE_S = 1.0
@@ -471,7 +630,8 @@ def _check_detection(raw: Mapping[str, Any]) -> list[str]:
       observation_ttl_s > 1.5 x (interval_s + timeout_s + commit).
     - Budget: a failure is acted on after at most fall x interval_s + timeout_s (the
       fall-th failed probe, the first one starting up to an interval after the fault)
-      plus the commit, which must fit in policy.failover_budget_s.
+      plus the commit, which must fit in policy.failover_budget_s. A prometheus
+      target's down rule must first hold for its `for_s`, which adds to that.
 
     Each problem is reported at the field to change: `probes.<field>` when the
     target uses the default, the target's own field when it overrides it.
@@ -493,14 +653,18 @@ def _check_detection(raw: Mapping[str, Any]) -> list[str]:
             targets = mapping(service).get("targets")
             for i, target in enumerate(targets if isinstance(targets, list) else []):
                 own = {k: k in mapping(target) for k in fallback}
-                if not any(own.values()):
+                hold = _number(mapping(mapping(mapping(target).get("prometheus")).get("down")).get("for_s"))
+                if not any(own.values()) and not hold:
                     continue
                 values = {k: _number(mapping(target)[k]) if own[k] else default[k] for k in fallback}
+                values["for_s"] = hold
+                own["for_s"] = bool(hold)
                 timings.append((f"regions.{region_name}.services.{service_name}.targets[{i}]", values, own))
     for where, t, own in timings:
         interval, timeout, fall = t["interval_s"], t["timeout_s"], t["fall"]
         if interval is None or timeout is None or fall is None:
             continue  # the structure check reports the bad value
+        hold = t.get("for_s") or 0.0
 
         if ttl is not None:
             # ttl > interval + timeout + commit + ttl x REFRESH_FRACTION, solved for ttl.
@@ -514,11 +678,15 @@ def _check_detection(raw: Mapping[str, Any]) -> list[str]:
                     f"{COMMIT_ALLOWANCE_S:g} s to commit) = {round(bound, 2):g} s (got {got:g})"
                 )
         if budget is not None:
-            detection = fall * interval + timeout + COMMIT_ALLOWANCE_S
+            detection = hold + fall * interval + timeout + COMMIT_ALLOWANCE_S
             if detection > budget:
-                at, got = _field_at(where, t, own, "interval_s", "fall", "timeout_s")
+                if hold:
+                    at, got = f"{where}.prometheus.down.for_s", hold
+                else:
+                    at, got = _field_at(where, t, own, "interval_s", "fall", "timeout_s")
+                held = f"for_s {hold:g} + " if hold else ""
                 problems.append(
-                    f"{at}: a failure takes fall {fall:g} x interval_s {interval:g} + "
+                    f"{at}: a failure takes {held}fall {fall:g} x interval_s {interval:g} + "
                     f"timeout_s {timeout:g} + {COMMIT_ALLOWANCE_S:g} s to commit = {round(detection, 2):g} s "
                     f"to act on, more than "
                     f"policy.failover_budget_s {budget:g} (got {got:g})"

@@ -24,7 +24,7 @@ from controlplane.consensus.factory import make_store
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
 from controlplane.model import Observation
-from controlplane.probes import Prober, ProbeTarget, probe_targets
+from controlplane.probes import Prober, ProbeResult, ProbeTarget, probe_targets
 from controlplane.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -106,16 +106,18 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     async def on_change(observations: list[Observation]) -> None:
         for o in observations:
             started = failing_since.get((o.region, o.service))
-            if not o.up and started is not None:
+            if not o.up and o.inconclusive is None and started is not None:
                 metrics.observe_stages({"detection": o.at - started})
         await publish(node, observations)
 
-    def on_result(target: ProbeTarget, ok: bool, duration_s: float, error: str | None) -> None:
-        metrics.observe_probe(target.region, target.service, ok, duration_s)
-        if ok:
+    def on_result(target: ProbeTarget, result: ProbeResult) -> None:
+        metrics.observe_probe(
+            target.region, target.service, result.ok, result.duration_s, result.inconclusive
+        )
+        if result.ok:
             failing_since.pop(target.key, None)
-        else:
-            failing_since.setdefault(target.key, time.time() - duration_s)
+        elif not result.inconclusive:
+            failing_since.setdefault(target.key, time.time() - result.duration_s)
 
     prober = Prober(
         agent_id,

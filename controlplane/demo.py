@@ -1,12 +1,16 @@
 """`controlplane demo`: a whole deployment on loopback through an outage and a recovery.
 
 Three real agent processes (one per region) probe simulated region backends; a
-simulated load balancer sends real requests by the committed weights. The script takes
-`cn-east` down, shows the weights moving on every agent with the reasons, brings it
-back, shows the recovery hold and the ramp, prints a traffic timeline and exits 0 when
-everything happened as it should (1 otherwise, saying what did not).
+simulated load balancer sends real requests by the committed weights, and a simulated
+application (`testing.application`) enforces the decision with the SDK's middleware
+while simulated users call it. The script takes `cn-east` down, shows the weights
+moving on every agent with the reasons and the application switching the features the
+decision turned off, brings the region back, shows the recovery hold, the ramp and the
+features coming back, prints the traffic timelines and exits 0 when everything
+happened as it should (1 otherwise, saying what did not).
 
-`--serve` keeps the deployment running for a person to explore with curl and cpctl.
+`--serve` keeps the deployment running for a person to explore with a browser (the
+dashboard's URL is printed), curl and cpctl.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane.client.flags import FlagsClient
 from controlplane.tasks import spawn
+from controlplane.testing.application import PATHS, SimApplication
 from controlplane.testing.etcdlocal import EtcdUnavailable, LocalEtcd
 from controlplane.testing.loadbalancer import SimLoadBalancer
 from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
@@ -146,13 +152,15 @@ async def _run(options: DemoOptions, config: dict[str, Any], out: Out) -> int:
             if s == SERVICE
         }
         lb = SimLoadBalancer(agents=[a.url for a in agents], service=SERVICE, backends=backends, rps=100)
-        async with lb:
+        app = SimApplication(agents=[a.url for a in agents], rps=50)
+        async with lb, app:
+            out(f"simulated application at {app.url}: users call {', '.join(PATHS)} (50 requests/s)")
             if options.serve:
                 return await serve_forever(out, cluster, token)
-            return await scripted(out, cluster, lb)
+            return await scripted(out, cluster, lb, app)
 
 
-async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer) -> int:
+async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer, app: SimApplication) -> int:
     marks: dict[float, str] = {}
     revisions: dict[float, str] = {}
     problems: list[str] = []
@@ -181,7 +189,15 @@ async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer) -> int:
         budget = cluster.config["policy"].get("failover_budget_s", 30)
         if elapsed > budget:
             problems.append(f"failover took {elapsed:.1f} s, over the {budget} s budget")
+        switched_off = [name for name, on in d["features"].items() if not on and f"/{name}" in PATHS]
         await asyncio.sleep(4)
+        for name in switched_off:
+            refused = app.refused(f"/{name}", since=fault_at)
+            out(f"application: /{name} refused {refused} times (503, feature {name} off) since the fault")
+            if refused == 0:
+                problems.append(f"the application never refused /{name} while {name} was off")
+        if not switched_off:
+            problems.append("no feature the application serves was switched off during the outage")
 
         out()
         out(f"RECOVERY: {FAILED_REGION} backends answer again")
@@ -225,12 +241,24 @@ async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer) -> int:
         ramp_steps = [w for w in seen_weights if w > 0]
         if len(ramp_steps) < 2:
             problems.append(f"expected a ramp in steps, saw weights {seen_weights}")
+        flags = app.flags
+        assert flags is not None
+        await cluster.wait_for(
+            lambda: _all_on(flags, switched_off), 30, "the application's features back on", interval_s=0.1
+        )
+        restored_at = time.time()
         await asyncio.sleep(2)
+        for name in switched_off:
+            served = app.served(f"/{name}", since=restored_at)
+            out(f"application: /{name} served {served} times again once {name} came back on")
+            if served == 0:
+                problems.append(f"the application did not serve /{name} again after recovery")
     finally:
         follower.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await follower
     print_timeline(out, lb, marks, revisions)
+    print_app_timeline(out, app, marks)
     ok, failed = lb.totals()
     print(
         f"\nrequests: {sum(ok.values())} ok, {sum(failed.values())} failed "
@@ -239,8 +267,37 @@ async def scripted(out: Out, cluster: LocalCluster, lb: SimLoadBalancer) -> int:
     if problems:
         print("\nDEMO FAILED:\n  " + "\n  ".join(problems))
         return 1
-    print("\ndemo finished: outage detected, traffic moved, region recovered through hold and ramp")
+    print(
+        "\ndemo finished: outage detected, traffic moved, region recovered through hold and ramp; "
+        "the application switched the features off and back on"
+    )
     return 0
+
+
+async def _all_on(flags: FlagsClient, names: list[str]) -> bool:
+    return all(flags.enabled(name) for name in names)
+
+
+def print_app_timeline(out: Out, app: SimApplication, marks: dict[float, str]) -> None:
+    """Per second and path: served, and refused (f: feature off, s: shed)."""
+    print(
+        "\nApplication timeline (simulated users; per path: served, f = refused as a feature off, s = shed)"
+    )
+    print("  t(s)  " + "".join(f"{p:>18}" for p in PATHS) + "   event")
+    for s in app.history:
+        t = s.at - out.t0_wall
+        cells = []
+        for p in PATHS:
+            cell = str(s.served[p])
+            if s.feature_off[p]:
+                cell += f" f{s.feature_off[p]}"
+            if s.shed[p]:
+                cell += f" s{s.shed[p]}"
+            if s.failed[p]:
+                cell += f" x{s.failed[p]}"
+            cells.append(f"{cell:>18}")
+        events = [m for at, m in marks.items() if s.at <= at < s.at + 1]
+        print(f"{t:6.0f}  {''.join(cells)}   {'; '.join(events)}")
 
 
 async def follow_revisions(cluster: LocalCluster, revisions: dict[float, str]) -> None:
@@ -261,6 +318,7 @@ def weights_short(d: dict[str, Any]) -> str:
 async def serve_forever(out: Out, cluster: LocalCluster, token: str) -> int:
     first = next(iter(cluster.agents.values()))
     out()
+    out(f"dashboard: http://{first.http}/ui/  (paste the admin token there to act; every agent serves it)")
     out("the deployment keeps running; try:")
     print(
         f"""

@@ -40,6 +40,12 @@ class Metrics:
             ["region", "service", "observer"],
             registry=r,
         )
+        self.probe_inconclusive = Counter(
+            "controlplane_probe_inconclusive_total",
+            "Probes by this agent that could not tell (e.g. Prometheus unreachable); not failures",
+            ["region", "service", "observer"],
+            registry=r,
+        )
         self.verdict = Gauge(
             "controlplane_verdict",
             "Agreed verdict per service and region (0 up, 1 slow, 2 down, 3 unknown)",
@@ -73,6 +79,11 @@ class Metrics:
         )
         self.raft_leader = Gauge("controlplane_consensus_is_leader", "1 on the leader", registry=r)
         self.raft_term = Gauge("controlplane_consensus_term", "Consensus term", registry=r)
+        self.clock_skew = Gauge(
+            "controlplane_clock_skew_seconds",
+            "This agent's wall clock against the leader's (leader minus ours); 0 on the leader",
+            registry=r,
+        )
         self.raft_commit_index = Gauge(
             "controlplane_consensus_commit_index", "Consensus commit index", registry=r
         )
@@ -106,9 +117,13 @@ class Metrics:
             "controlplane_failover_budget_seconds", "Configured failover budget", registry=r
         )
 
-    def observe_probe(self, region: str, service: str, ok: bool, duration_s: float) -> None:
+    def observe_probe(
+        self, region: str, service: str, ok: bool, duration_s: float, inconclusive: bool = False
+    ) -> None:
         self.probe_duration.labels(region, service, self.agent_id).observe(duration_s)
-        if not ok:
+        if inconclusive:
+            self.probe_inconclusive.labels(region, service, self.agent_id).inc()
+        elif not ok:
             self.probe_failures.labels(region, service, self.agent_id).inc()
 
     def observe_decision(self, decision: Decision) -> None:
@@ -131,6 +146,8 @@ class Metrics:
         self.raft_commit_index.set(status.commit_index)
         self.quorum.set(1 if status.has_quorum else 0)
         self.members_connected.set(sum(1 for m in status.members if m.connected))
+        if status.clock_skew_s is not None:
+            self.clock_skew.set(status.clock_skew_s)
 
     def observe_stages(self, stages: Mapping[str, float]) -> None:
         for stage, seconds in stages.items():

@@ -97,7 +97,11 @@ class Observation(Record):
     successful probe's latency, `utilization` what the target reported (0..1), `error`
     the last failure in words ("connect timeout", "HTTP 503"). `impaired` is set by an
     observer that knows its own view is unreliable, in words ("probe deadlines fired
-    850 ms late"): `decide()` then does not count it as a witness.
+    850 ms late"): `decide()` then does not count it as a witness. `inconclusive` is
+    set when this observer's probes of this pair could not tell either way, in words
+    ("prometheus unreachable: inconclusive"): `up` is then its last conclusive state
+    (True when it never had one), and `decide()` counts the observation as neither up
+    nor down, never as a witness, and says so in the reasons.
     """
 
     observer: str
@@ -109,6 +113,7 @@ class Observation(Record):
     utilization: float | None = None
     error: str | None = None
     impaired: str | None = None
+    inconclusive: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,6 +309,20 @@ class Decision(Record):
         )
 
 
+# The name of the float flag that carries `Decision.shed_fraction` next to the features.
+SHED_FRACTION_FLAG = "shed_fraction"
+
+
+def flags_of(decision: Decision) -> dict[str, bool | float]:
+    """A decision as feature flags: each feature a boolean, then `shed_fraction` a float.
+
+    What the agents' OFREP endpoints serve and the SDK's OpenFeature provider reads.
+    """
+    flags: dict[str, bool | float] = {name: bool(on) for name, on in decision.features.items()}
+    flags[SHED_FRACTION_FLAG] = float(decision.shed_fraction)
+    return flags
+
+
 # ---------------------------------------------------------------------------
 # JSON shapes (DESIGN.md "Shapes"): the API, the stores and the CLI share these.
 
@@ -394,6 +413,7 @@ def observation_to_json(o: Observation) -> dict[str, Any]:
         "utilization": o.utilization,
         "error": o.error,
         "impaired": o.impaired,
+        "inconclusive": o.inconclusive,
     }
 
 
@@ -408,6 +428,7 @@ def observation_from_json(data: Mapping[str, Any]) -> Observation:
         utilization=None if data.get("utilization") is None else float(data["utilization"]),
         error=None if data.get("error") is None else str(data["error"]),
         impaired=None if data.get("impaired") is None else str(data["impaired"]),
+        inconclusive=None if data.get("inconclusive") is None else str(data["inconclusive"]),
     )
 
 

@@ -10,8 +10,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from controlplane.model import Decision, Intent, Observation, Record
+from controlplane.model import (
+    Decision,
+    Intent,
+    Observation,
+    Record,
+    decision_from_json,
+    decision_to_json,
+    intent_from_json,
+    intent_to_json,
+    observation_from_json,
+    observation_to_json,
+)
 
 # How much history every member keeps; older entries are dropped. The same bound caps
 # how many applied intent ids are remembered for idempotent resubmission.
@@ -22,14 +34,19 @@ ObservationKey = tuple[str, str, str]  # (observer, region, service)
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry(Record):
-    """One line of the audit trail: a committed decision, intent or intent removal."""
+    """One line of the audit trail: a committed decision, intent or intent removal.
 
-    kind: str  # "decision" | "intent" | "intent-removed"
+    A decision's entry keeps its weights (service -> region -> weight), so that the
+    dashboard can draw the weights of the last hour from history alone.
+    """
+
+    kind: str  # "decision" | "intent" | "intent-removed" | "epoch"
     at: float
     revision: int
     summary: str
     intent_id: str | None = None
     who: str | None = None
+    weights: Mapping[str, Mapping[str, int]] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,9 +56,13 @@ class ControlState:
     `version` grows with every applied change (a Raft log position, an etcd revision)
     and is what `ControlStore.wait_for_change` compares against; only the backend sets
     it. `recent_intents` are intents applied lately (standing or not), by id, so that a
-    resubmitted id applies once; it is bounded by `HISTORY_LIMIT`.
+    resubmitted id applies once; it is bounded by `HISTORY_LIMIT`. `epoch` is chosen
+    once, when the cluster's state is first created, and never changes afterwards:
+    revisions count within it, so a cluster rebuilt from nothing (new data, a new etcd
+    prefix) is told apart from the one before, whose revisions were higher.
     """
 
+    epoch: str = ""
     version: int = 0
     decision: Decision | None = None
     intents: Mapping[str, Intent] = field(default_factory=dict)
@@ -67,10 +88,11 @@ class MemberStatus:
 class StoreStatus:
     """What this member knows about the consensus group right now.
 
-    `has_quorum` is this member's own belief that it is in contact with a majority
-    (a leader: a majority acknowledged it recently; a follower: it heard from a
-    leader recently). `quorum_lost_at` is the wall time it last lost that belief, or
-    None while it has it; the API reports staleness from it.
+    `has_quorum` is this member's own belief that it is in contact with a majority and
+    serves what the majority committed (a leader: a majority acknowledged it recently; a
+    follower: it confirmed recently that it has applied all the leader had committed).
+    `quorum_lost_at` is the wall time it last lost that belief, or None while it has it;
+    the API reports staleness from it.
     """
 
     member_id: str
@@ -82,6 +104,10 @@ class StoreStatus:
     has_quorum: bool
     quorum_lost_at: float | None = None
     backend: str = ""
+    # This member's wall clock against the leader's (leader minus ours); None when unknown.
+    clock_skew_s: float | None = None
+    # Why this member does not have quorum (or is not caught up), in words.
+    problems: tuple[str, ...] = ()
 
 
 def history_add(history: tuple[HistoryEntry, ...], entry: HistoryEntry) -> tuple[HistoryEntry, ...]:
@@ -103,3 +129,66 @@ def observations_replace(
             continue
         out[(o.observer, o.region, o.service)] = o
     return out
+
+
+# ---------------------------------------------------------------------------
+# JSON shapes, for the stores that write the state down (journals, etcd keys) and the API.
+
+
+def history_to_json(entry: HistoryEntry) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "kind": entry.kind,
+        "at": entry.at,
+        "revision": entry.revision,
+        "summary": entry.summary,
+        "intent_id": entry.intent_id,
+        "who": entry.who,
+    }
+    if entry.weights is not None:
+        data["weights"] = {s: dict(ws) for s, ws in entry.weights.items()}
+    return data
+
+
+def history_from_json(data: Mapping[str, Any]) -> HistoryEntry:
+    return HistoryEntry(
+        kind=str(data["kind"]),
+        at=float(data["at"]),
+        revision=int(data["revision"]),
+        summary=str(data["summary"]),
+        intent_id=None if data.get("intent_id") is None else str(data["intent_id"]),
+        who=None if data.get("who") is None else str(data["who"]),
+        weights=None
+        if data.get("weights") is None
+        else {str(s): {str(r): int(w) for r, w in ws.items()} for s, ws in data["weights"].items()},
+    )
+
+
+def state_to_json(state: ControlState) -> dict[str, Any]:
+    """The whole state (its `version` too) as JSON-ready data; `state_from_json` reads it back."""
+    return {
+        "epoch": state.epoch,
+        "version": state.version,
+        "decision": None if state.decision is None else decision_to_json(state.decision),
+        "intents": [intent_to_json(i) for i in state.intents.values()],
+        "intent_seq": state.intent_seq,
+        "observations": [observation_to_json(o) for o in state.observations.values()],
+        "history": [history_to_json(e) for e in state.history],
+        "recent_intents": [intent_to_json(i) for i in state.recent_intents.values()],
+    }
+
+
+def state_from_json(data: Mapping[str, Any]) -> ControlState:
+    intents = [intent_from_json(i) for i in data.get("intents", ())]
+    observations = [observation_from_json(o) for o in data.get("observations", ())]
+    recent = [intent_from_json(i) for i in data.get("recent_intents", ())]
+    decision = data.get("decision")
+    return ControlState(
+        epoch=str(data.get("epoch", "")),
+        version=int(data.get("version", 0)),
+        decision=None if decision is None else decision_from_json(decision),
+        intents={i.id: i for i in intents},
+        intent_seq=int(data.get("intent_seq", 0)),
+        observations={(o.observer, o.region, o.service): o for o in observations},
+        history=tuple(history_from_json(e) for e in data.get("history", ())),
+        recent_intents={i.id: i for i in recent},
+    )

@@ -15,6 +15,7 @@ whoever wrote the command, so replaying a log gives the same state on every memb
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -46,6 +47,25 @@ class Change(Generic[T]):
     @property
     def changed(self) -> bool:
         return self.entry is not None
+
+
+def new_epoch() -> str:
+    """A fresh epoch: 12 random hex digits (URL- and header-safe)."""
+    return secrets.token_hex(6)
+
+
+def init_epoch(state: ControlState, epoch: str, at: float) -> Change[str]:
+    """Set the epoch of a state that has none; a state that has one keeps it (first wins)."""
+    if state.epoch:
+        return Change(state, None, state.epoch)
+    entry = epoch_entry(epoch, at)
+    after = dataclasses.replace(state, epoch=epoch, history=history_add(state.history, entry))
+    return Change(after, entry, epoch)
+
+
+def epoch_entry(epoch: str, at: float) -> HistoryEntry:
+    """The history entry that records when the cluster's state was created."""
+    return HistoryEntry(kind="epoch", at=at, revision=0, summary=f"cluster state created (epoch {epoch})")
 
 
 def publish_observations(
@@ -96,8 +116,14 @@ def delete_intent(state: ControlState, intent_id: str, who: str, reason: str, at
     """Remove one standing intent; `NotFound` when it does not stand.
 
     A removal takes a sequence number too: the next decision carries it, so a writer can
-    see that the removal took effect.
+    see that the removal took effect. A removal retried after it was applied (its answer
+    was lost) returns the removed intent again and changes nothing, as a resubmitted
+    intent id does; an intent replaced by a newer one, or never committed, is not found.
     """
+    if intent_id not in state.intents:
+        removed = state.recent_intents.get(intent_id)
+        if removed is not None and was_removed(state, intent_id):
+            return Change(state, None, removed)
     intents = remove_intent(state.intents, intent_id)
     removed = state.intents[intent_id]
     entry = HistoryEntry(
@@ -117,6 +143,11 @@ def delete_intent(state: ControlState, intent_id: str, who: str, reason: str, at
     return Change(after, entry, removed)
 
 
+def was_removed(state: ControlState, intent_id: str) -> bool:
+    """Whether the history (bounded) records that `intent_id` was removed by request."""
+    return any(e.kind == "intent-removed" and e.intent_id == intent_id for e in reversed(state.history))
+
+
 def commit_decision(state: ControlState, decision: Decision, fence_term: int = 0) -> Change[Decision]:
     """Compare-and-set the decision: exactly the next revision, from a leader not yet deposed.
 
@@ -126,6 +157,11 @@ def commit_decision(state: ControlState, decision: Decision, fence_term: int = 0
     """
     if decision.term < fence_term:
         raise NotLeader(f"decision of term {decision.term} refused: term {fence_term} has begun")
+    if decision.epoch != state.epoch:
+        raise Conflict(
+            f"decision of epoch {decision.epoch or '(none)'} refused",
+            f"the cluster state is epoch {state.epoch or '(none)'}",
+        )
     current = state.decision
     acceptable = decision.revision >= 1 if current is None else decision.revision == current.revision + 1
     if not acceptable:
@@ -146,6 +182,9 @@ def decision_entry(decision: Decision) -> HistoryEntry:
         revision=decision.revision,
         summary=decision_summary(decision),
         who=decision.leader or None,
+        weights={
+            s: {r: p.weight for r, p in placements.items()} for s, placements in decision.services.items()
+        },
     )
 
 

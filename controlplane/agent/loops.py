@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
 from dataclasses import replace
 
@@ -57,9 +58,13 @@ def ready_to_decide(node: Node, state: ControlState) -> bool:
     those must be a majority of the agents. A pair nobody can judge does not block the
     cluster forever: after `observation_ttl_s` (at least 10 s) the leader decides anyway.
     """
+    if not state.epoch:
+        return False  # the store has not created the cluster state yet
     if state.decision is not None:
         return True
-    now = node.clock()
+    now = node.cluster_now()
+    if now is None:
+        return False
     policy = node.settings.policy
     fresh = [o for o in state.observations.values() if is_fresh(o, policy, now)]
     observers = {o.observer for o in fresh}
@@ -69,7 +74,7 @@ def ready_to_decide(node: Node, state: ControlState) -> bool:
     needed = quorum_for(policy, len(observers))
     if all(judged[(s, r.name)] >= needed for s in policy.services for r in policy.regions_of(s)):
         return True
-    return now - node.started_at > max(10.0, policy.observation_ttl_s)
+    return time.monotonic() - node.started_mono > max(10.0, policy.observation_ttl_s)
 
 
 async def decide_once(node: Node, state: ControlState) -> Decision | None:
@@ -77,7 +82,9 @@ async def decide_once(node: Node, state: ControlState) -> Decision | None:
     status = node.store.status()
     if not status.is_leader or not status.has_quorum or not ready_to_decide(node, state):
         return None
-    now = node.clock()
+    now = node.cluster_now()
+    if now is None:
+        return None
     decision = decide(
         node.settings.policy,
         state.observations.values(),
@@ -88,7 +95,7 @@ async def decide_once(node: Node, state: ControlState) -> Decision | None:
     )
     if decision is state.decision:
         return None
-    stamped = replace(decision, term=status.term, leader=node.agent_id, committed_at=now)
+    stamped = replace(decision, term=status.term, leader=node.agent_id, committed_at=now, epoch=state.epoch)
     try:
         committed = await node.store.commit_decision(stamped)
     except (Conflict, NotLeader) as e:
@@ -157,7 +164,9 @@ async def watch_loop(node: Node, tick_s: float) -> None:
         decision = state.decision
         if decision is not None and (served is None or decision.revision != served.revision):
             node.metrics.observe_decision(decision)
-            node.metrics.observe_stages(failover_stages(served, decision, state, node.clock()))
+            now = node.cluster_now()
+            if now is not None:
+                node.metrics.observe_stages(failover_stages(served, decision, state, now))
             if served is not None and decision.revision > served.revision + 1:
                 log.info("caught up from revision %d to %d", served.revision, decision.revision)
             served = decision

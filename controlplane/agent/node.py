@@ -34,8 +34,11 @@ class Node:
     store: ControlStore
     metrics: Metrics
     tokens: Tokens = field(default_factory=Tokens)
+    # This agent's wall clock: for its own ages (uptime, how long stale), never compared
+    # with another agent's. Verdicts, holds and ramps use `cluster_now()`.
     clock: Callable[[], float] = time.time
     started_at: float = field(default_factory=time.time)
+    started_mono: float = field(default_factory=time.monotonic)
     feed: RevisionFeed = field(init=False)
     watchers: int = 0
     # (revision, JSON body, SSE event) of the served decision, shared by every reader.
@@ -65,6 +68,16 @@ class Node:
 
     def status(self) -> StoreStatus:
         return self.store.status()
+
+    def cluster_now(self) -> float | None:
+        """The cluster's clock as this agent knows it (None before it heard a leader)."""
+        return self.store.cluster_time()
+
+    def cluster_now_or_wall(self) -> float:
+        """The cluster's clock, or this agent's wall clock while it knows no cluster clock
+        (only for what-if answers: nothing is committed on it)."""
+        now = self.store.cluster_time()
+        return now if now is not None else self.clock()
 
     def stale_for_s(self) -> float | None:
         """Seconds since this agent lost quorum; None while it has it."""

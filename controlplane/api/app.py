@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from controlplane.agent.node import Node
-from controlplane.api import openapi, read, write
+from controlplane.api import ofrep, openapi, read, ui, write
 from controlplane.api.auth import require_read
 from controlplane.api.common import NODE, Handler, error_response, json_response, route_name
 from controlplane.errors import ControlplaneError
@@ -65,6 +65,8 @@ def create_app(node: Node) -> web.Application:
     app[NODE] = node
     read.add_routes(app)
     write.add_routes(app)
+    ui.add_routes(app)
+    ofrep.add_routes(app)
     app[OPENAPI] = openapi.build()
     app.router.add_get("/openapi.json", get_openapi)
     return app

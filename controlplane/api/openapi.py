@@ -13,6 +13,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from controlplane import __version__
 from controlplane.api import schemas as s
+from controlplane.api import ui
 
 JSON = "application/json"
 
@@ -99,6 +100,12 @@ def build() -> dict[str, Any]:
         s.PlanBody,
         s.DeleteIntentBody,
         s.IntentRemoved,
+        s.OfrepRequest,
+        s.OfrepEvaluation,
+        s.OfrepBulk,
+        s.OfrepFailure,
+        s.OfrepBulkFailure,
+        s.OfrepGeneralError,
     ]
     components: dict[str, Any] = {}
     for model in models:
@@ -202,6 +209,7 @@ def build() -> dict[str, Any]:
                 },
             }
         },
+        **_ofrep_paths(),
         "/healthz": _get("The process is alive", s.HealthOut, errors={}),
         "/readyz": {
             "get": {
@@ -214,6 +222,7 @@ def build() -> dict[str, Any]:
         },
         "/metrics": _get("Prometheus metrics", None, errors={}, media="text/plain"),
         "/openapi.json": _get("This document", None, errors={}, media=JSON),
+        **ui.openapi_paths(),
     }
     return {
         "openapi": "3.1.0",
@@ -228,3 +237,49 @@ def build() -> dict[str, Any]:
 
 def _ref_name(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _ofrep_paths() -> dict[str, Any]:
+    """OFREP's core endpoints, as github.com/open-feature/protocol describes them."""
+    body = {"required": False, "content": {JSON: {"schema": _ref(s.OfrepRequest)}}}
+    auth = {
+        "401": _answer("Missing or bad token (Bearer or X-API-Key)", s.ErrorOut),
+        "403": _answer("Token may not read", s.ErrorOut),
+        "413": {"description": "Body too large"},
+        "503": {
+            "description": "No decision committed yet",
+            "headers": {"Retry-After": {"schema": {"type": "string"}}},
+            "content": {JSON: {"schema": _ref(s.OfrepGeneralError)}},
+        },
+    }
+    etag = {"ETag": {"schema": {"type": "string"}, "description": "Changes with the revision"}}
+    return {
+        "/ofrep/v1/evaluate/flags/{key}": {
+            "post": {
+                "summary": "OFREP: evaluate one flag (a feature switch, or shed_fraction)",
+                "parameters": [{"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}],
+                "requestBody": body,
+                "responses": {
+                    "200": _answer("The flag's value", s.OfrepEvaluation),
+                    "400": _answer("The body or its context is not an object", s.OfrepFailure),
+                    "404": _answer("No such flag (FLAG_NOT_FOUND)", s.OfrepFailure),
+                    **auth,
+                },
+            }
+        },
+        "/ofrep/v1/evaluate/flags": {
+            "post": {
+                "summary": "OFREP: evaluate every flag; 304 when If-None-Match has the current ETag",
+                "parameters": [
+                    {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}}
+                ],
+                "requestBody": body,
+                "responses": {
+                    "200": {**_answer("Every flag", s.OfrepBulk), "headers": etag},
+                    "304": {"description": "Nothing changed since that ETag", "headers": etag},
+                    "400": _answer("The body or its context is not an object", s.OfrepBulkFailure),
+                    **auth,
+                },
+            }
+        },
+    }

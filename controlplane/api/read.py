@@ -172,6 +172,10 @@ def cluster_body(request: web.Request) -> dict[str, Any]:
         "commit_index": status.commit_index,
         "has_quorum": status.has_quorum,
         "stale_s": None if stale is None else round(stale, 1),
+        "problems": list(status.problems),
+        "cluster_time": node.cluster_now(),
+        "clock_skew_s": None if status.clock_skew_s is None else round(status.clock_skew_s, 3),
+        "epoch": state.epoch,
         "revision": state.decision.revision if state.decision else None,
         "members": [
             {
@@ -204,6 +208,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
     problems = []
     if not status.has_quorum:
         problems.append("no quorum")
+        problems.extend(status.problems)
     if decision is None:
         problems.append("no committed decision")
     body = {
@@ -217,7 +222,7 @@ async def readyz(request: web.Request) -> web.StreamResponse:
 
 async def get_observations(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    now = node.clock()
+    now = node.cluster_now_or_wall()
     policy = node.settings.policy
     out = []
     for o in sorted(node.state().observations.values(), key=lambda o: (o.service, o.region, o.observer)):
@@ -360,14 +365,15 @@ async def get_regions(request: web.Request) -> web.StreamResponse:
                 "capacity_rps": spec.capacity_rps[service],
                 "base_weight": spec.base_weight[service],
                 "address": sc.data_address(),
-                "targets": [t.url for t in sc.targets],
+                "targets": [t.describe() for t in sc.targets],
                 "weight": p.weight if p else None,
                 "state": str(p.state) if p else None,
                 "verdict": str(p.verdict) if p else None,
             }
         agents = [a.id for a in node.settings.cluster.agents if a.region == spec.name]
         regions.append({"name": spec.name, "agents": agents, "services": services})
-    return json_response({"regions": regions})
+    demand = dict(node.settings.policy.demand_rps)
+    return json_response({"regions": regions, "demand_rps": demand})
 
 
 async def get_history(request: web.Request) -> web.StreamResponse:
@@ -394,6 +400,7 @@ async def get_history(request: web.Request) -> web.StreamResponse:
                 "summary": e.summary,
                 "intent_id": e.intent_id,
                 "who": e.who,
+                "weights": e.weights,
             }
             for e in page
         ],

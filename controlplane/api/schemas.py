@@ -207,6 +207,10 @@ class ClusterOut(BaseModel):
     commit_index: int
     has_quorum: bool
     stale_s: float | None
+    problems: list[str] = Field(default_factory=list, description="why this agent is stale, in words")
+    cluster_time: float | None = Field(None, description="the cluster's clock as this agent knows it")
+    clock_skew_s: float | None = Field(None, description="leader's wall clock minus this agent's")
+    epoch: str = ""
     revision: int | None
     members: list[MemberOut]
 
@@ -221,6 +225,9 @@ class ObservationOut(BaseModel):
     utilization: float | None
     error: str | None
     impaired: str | None = Field(None, description="why the observer does not count as a witness")
+    inconclusive: str | None = Field(
+        None, description="why this observer's probes cannot tell (then no witness either way)"
+    )
     age_s: float
     fresh: bool
 
@@ -248,15 +255,17 @@ class RegionOut(BaseModel):
 
 class RegionsOut(BaseModel):
     regions: list[RegionOut]
+    demand_rps: dict[str, float] = {}
 
 
 class HistoryEntryOut(BaseModel):
-    kind: Literal["decision", "intent", "intent-removed"]
+    kind: Literal["decision", "intent", "intent-removed", "epoch"]
     at: float
     revision: int
     summary: str
     intent_id: str | None
     who: str | None
+    weights: dict[str, dict[str, int]] | None = None
 
 
 class HistoryOut(BaseModel):
@@ -288,3 +297,39 @@ class WeightsOut(BaseModel):
 
 def schema_of(model: type[BaseModel]) -> dict[str, Any]:
     return model.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+
+
+# -- OFREP (the OpenFeature Remote Evaluation Protocol, core endpoints) --------------------
+
+
+class OfrepRequest(BaseModel):
+    context: dict[str, Any] | None = Field(
+        None, description="evaluation context (ignored: flags are fleet-wide)"
+    )
+
+
+class OfrepEvaluation(BaseModel):
+    key: str
+    value: bool | float = Field(description="a feature is a boolean flag; shed_fraction a float flag")
+    reason: Literal["STATIC"]
+    variant: str
+    metadata: dict[str, bool | int | float | str]
+
+
+class OfrepBulk(BaseModel):
+    flags: list[OfrepEvaluation]
+
+
+class OfrepFailure(BaseModel):
+    key: str
+    errorCode: Literal["PARSE_ERROR", "INVALID_CONTEXT", "FLAG_NOT_FOUND"]
+    errorDetails: str
+
+
+class OfrepBulkFailure(BaseModel):
+    errorCode: Literal["PARSE_ERROR", "INVALID_CONTEXT"]
+    errorDetails: str
+
+
+class OfrepGeneralError(BaseModel):
+    errorDetails: str

@@ -107,7 +107,7 @@ def parse_intent(data: Any, who: str, now: float) -> Intent:
 async def post_intent(request: web.Request) -> web.StreamResponse:
     require_write(request)
     node = request.app[NODE]
-    now = node.clock()
+    now = node.cluster_now_or_wall()
     intent = parse_intent(await read_json(request), requester(request), now)
     policy = node.settings.policy
     check_names(policy, intent)
@@ -174,7 +174,7 @@ async def post_plan(request: web.Request) -> web.StreamResponse:
         parsed = PlanBody.model_validate(data)
     except ValidationError as e:
         raise validation_problem(e) from None
-    now = node.clock()
+    now = node.cluster_now_or_wall()
     policy = node.settings.policy
     unknown = sorted(set(parsed.fail) - {r.name for r in policy.regions})
     if unknown:

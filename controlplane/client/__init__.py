@@ -8,6 +8,12 @@
   `http.client`.
 - `Served`: a decision (`controlplane.model.Decision`, typed) with who served it and
   whether that agent had lost quorum.
+- `Shedder` (`shedding`): the decision's `shed_fraction` applied per request,
+  deterministically by a key, never to high-priority requests, plus a local
+  `MemoryGuard`; `shedding_middleware` (aiohttp) and `SheddingMiddleware` (ASGI) apply
+  it and switched-off features in a web application (`middleware`).
+- `ControlplaneProvider` (`openfeature_provider`): an OpenFeature provider backed by
+  `FlagsClient`; needs the `openfeature` extra (`openfeature-sdk`), imported only there.
 
 Independent of the server side (enforced by the import contract in pyproject.toml):
 it needs aiohttp and the shared words (`controlplane.model`, `controlplane.errors`).
@@ -20,6 +26,9 @@ if TYPE_CHECKING:
     from controlplane.client.flags import FlagsClient
     from controlplane.client.follower import DecisionFollower, apply_once
     from controlplane.client.following import Following, Served
+    from controlplane.client.middleware import Classifier, SheddingMiddleware, shedding_middleware
+    from controlplane.client.openfeature_provider import ControlplaneProvider
+    from controlplane.client.shedding import MemoryGuard, Shedder, bucket_of
     from controlplane.model import Decision
 
 # Loaded on first use: `cpctl` drives `Following` over http.client and must not pay for
@@ -31,6 +40,13 @@ _LAZY = {
     "Following": "controlplane.client.following",
     "Served": "controlplane.client.following",
     "apply_once": "controlplane.client.follower",
+    "Classifier": "controlplane.client.middleware",
+    "SheddingMiddleware": "controlplane.client.middleware",
+    "shedding_middleware": "controlplane.client.middleware",
+    "ControlplaneProvider": "controlplane.client.openfeature_provider",
+    "MemoryGuard": "controlplane.client.shedding",
+    "Shedder": "controlplane.client.shedding",
+    "bucket_of": "controlplane.client.shedding",
 }
 
 
@@ -41,4 +57,18 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
-__all__ = ["Decision", "DecisionFollower", "FlagsClient", "Following", "Served", "apply_once"]
+__all__ = [
+    "Classifier",
+    "ControlplaneProvider",
+    "Decision",
+    "DecisionFollower",
+    "FlagsClient",
+    "Following",
+    "MemoryGuard",
+    "Served",
+    "Shedder",
+    "SheddingMiddleware",
+    "apply_once",
+    "bucket_of",
+    "shedding_middleware",
+]

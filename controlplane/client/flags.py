@@ -21,7 +21,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from controlplane.client.follower import DecisionFollower
 from controlplane.errors import TaskFailed
@@ -60,6 +60,15 @@ class FlagsClient:
         self._thread: threading.Thread | None = None
         self._thread_loop: asyncio.AbstractEventLoop | None = None
         self._stop = asyncio.Event()
+        self._listeners: list[Callable[[Decision | None, Decision], None]] = []
+
+    def add_listener(self, listener: Callable[[Decision | None, Decision], None]) -> None:
+        """Call `listener(previous, new)` with each new decision, before readers see it.
+
+        It runs in the client's event loop (its thread with `start_in_thread`) and must
+        not block; an exception is logged and does not stop the client.
+        """
+        self._listeners.append(listener)
 
     # -- reading (never blocks) ----------------------------------------------------------
 
@@ -125,6 +134,12 @@ class FlagsClient:
         await self.stop()
 
     async def _take(self, decision: Decision) -> None:
+        previous = self.decision
+        for listener in self._listeners:
+            try:
+                listener(previous, decision)
+            except Exception:
+                log.exception("flags listener %r failed", listener)
         event, self._changed = self._changed, asyncio.Event()
         event.set()
 

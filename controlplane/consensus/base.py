@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 
 from controlplane.errors import StoreError
@@ -66,6 +67,16 @@ class ControlStore(abc.ABC):
     def status(self) -> StoreStatus:
         """Leader, term, commit index, members and quorum as this member sees them."""
 
+    def cluster_time(self) -> float | None:
+        """The cluster's clock as this member knows it (Unix-like seconds), None if unknown.
+
+        What freshness, holds and ramps are measured in. A backend with a leader keeps one
+        clock for the whole cluster, carried from the leader, so that no member's wall
+        clock being off changes a verdict or shortens a hold; this default, for a
+        backend that lives in one process, is that process's clock.
+        """
+        return time.time()
+
     @abc.abstractmethod
     async def wait_for_change(self, after_version: int, timeout_s: float) -> ControlState:
         """Return as soon as `state().version > after_version`, or at the timeout.
@@ -75,7 +86,12 @@ class ControlStore(abc.ABC):
 
     @abc.abstractmethod
     async def publish_observations(self, observer: str, observations: Sequence[Observation]) -> None:
-        """Replace `observer`'s observations of the given (region, service) pairs."""
+        """Replace `observer`'s observations of the given (region, service) pairs.
+
+        Each is stamped (`at`) with the cluster's time when it is committed (or the
+        publisher's reading of it), whatever `at` it came with: freshness is judged in
+        the cluster's time, so an observer whose wall clock is off changes nothing.
+        """
 
     @abc.abstractmethod
     async def submit_intent(self, intent: Intent) -> Intent:

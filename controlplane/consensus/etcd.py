@@ -82,6 +82,7 @@ from controlplane.consensus.etcd_view import (
 )
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
 from controlplane.model import Decision, Intent, Observation, decision_from_json
+from controlplane.raft.clock import ClusterClock
 from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, MemberStatus, StoreStatus
 from controlplane.tasks import spawn
 
@@ -98,6 +99,9 @@ _CAS_BACKOFF_MAX_S = 0.05
 _RETRY_MIN_S = 0.05
 _RETRY_MAX_S = 1.0
 _HEARTBEAT_MAX_S = 1.0
+# How often the leader writes the cluster's clock, and how soon after it starts leading.
+_CLOCK_PERIOD_S = 1.0
+_CLOCK_CHECK_S = 0.05
 
 T = TypeVar("T")
 
@@ -171,6 +175,9 @@ class EtcdStore(ControlStore):
         )
         self._view = EtcdView(self.layout)
         self._contact = Contact(window_s=self.heartbeat_s + timeout_s)
+        self._clock = ClusterClock()
+        self._clock_seen = 0
+        self._clock_skew_s: float | None = None
         self._session = Session(
             self._client,
             self.layout,
@@ -202,12 +209,31 @@ class EtcdStore(ControlStore):
         try:
             await self._sync()
             await self._session.open()
+            await self._init_epoch()
             self._contact.ok()
         except BaseException:
             await self.close()
             raise
         self._spawn("watch", self._watch_loop())
         self._spawn("session", self._session.run())
+        self._spawn("clock", self._clock_loop())
+
+    async def _init_epoch(self) -> None:
+        """Create the state's epoch if this prefix has none (first member wins); wait to see it."""
+        if self._view.state.epoch:
+            return
+        keys = self.layout
+        epoch, at = transitions.new_epoch(), time.time()
+        # Not `_txn`: the watch that would show it here does not run yet; read it back instead.
+        await self._client.txn(
+            [missing(keys.epoch)],
+            [
+                put(keys.epoch, epoch.encode()),
+                put(keys.epoch_history, encode_history(transitions.epoch_entry(epoch, at))),
+            ],
+            [],
+        )
+        await self._sync()
 
     def _spawn(self, name: str, work: Coroutine[Any, Any, None]) -> None:
         self._tasks[name] = spawn(f"etcd {name} of {self.member_id}", work, self.on_task_failure)
@@ -264,6 +290,7 @@ class EtcdStore(ControlStore):
             has_quorum=has_quorum,
             quorum_lost_at=self._contact.lost_at,
             backend=BACKEND,
+            clock_skew_s=0.0 if is_leader else self._clock_skew_s,
         )
 
     async def wait_for_change(self, after_version: int, timeout_s: float) -> ControlState:
@@ -339,7 +366,47 @@ class EtcdStore(ControlStore):
 
     def _applied(self, state_changed: bool) -> None:
         self._session.seen_leader(self._view.leader, self._view.applied_revision)
+        clock = self._view.clock
+        if clock is not None and clock[0] != self._clock_seen:
+            self._clock_seen = clock[0]
+            _, ctime, wall = clock
+            self._clock.observe_leader(ctime, time.monotonic())
+            self._clock_skew_s = None if self._session.term else wall - time.time()
         self._wake(state=state_changed)
+
+    # -- the cluster clock ----------------------------------------------------------------
+
+    def cluster_time(self) -> float | None:
+        return self._clock.now(time.monotonic())
+
+    async def _clock_loop(self) -> None:
+        """On the leader, write the cluster's clock every `_CLOCK_PERIOD_S`, fenced by its term."""
+        keys = self.layout
+        leading = 0
+        next_write = 0.0
+        while True:
+            await asyncio.sleep(_CLOCK_CHECK_S)
+            term = self._session.term
+            if not term:
+                leading = 0
+                continue
+            if term == leading and time.monotonic() < next_write:
+                continue
+            next_write = time.monotonic() + _CLOCK_PERIOD_S
+            mono = time.monotonic()
+            if term != leading:
+                # A new leader continues from the clock it followed; only a new cluster seeds it.
+                ctime = self._clock.become_leader(mono, time.time(), 0.0)
+                leading = term
+            else:
+                ctime = self._clock.now(mono) or time.time()
+            value = orjson.dumps({"ctime": ctime, "wall": time.time()})
+            try:
+                # No lease: the clock outlives every member, so after a full restart it resumes
+                # from where it stopped instead of from a new leader's wall clock.
+                await self._client.txn([create_revision_is(keys.leader, term)], [put(keys.clock, value)], [])
+            except StoreError as exc:
+                log.debug("etcd member %s: cluster clock not written: %s", self.member_id, exc)
 
     # -- writes --------------------------------------------------------------------------
 
@@ -372,6 +439,11 @@ class EtcdStore(ControlStore):
         if not mine:
             return
 
+        # Stamped with this member's reading of the cluster's clock, not its wall clock.
+        at = self.cluster_time()
+        if at is None:
+            raise NoQuorum("this member has not heard the cluster's clock yet; retry")
+
         async def work() -> None:
             key = self.layout.observer(observer)
             async with self._publishing:
@@ -381,7 +453,7 @@ class EtcdStore(ControlStore):
                     if not self._session.lease:
                         raise NoQuorum("this member holds no etcd lease yet; retry")
                     merged = dict(current)
-                    merged.update({(o.region, o.service): o for o in mine})
+                    merged.update({(o.region, o.service): dataclasses.replace(o, at=at) for o in mine})
                     result = await self._txn(
                         [mod_revision_is(key, mod_revision)],
                         [put(key, encode_observations(merged), self._session.lease)],
@@ -414,9 +486,10 @@ class EtcdStore(ControlStore):
         return await self._write(lambda: self._change_intents(plan))
 
     async def delete_intent(self, intent_id: str, who: str, reason: str) -> Intent:
-        def plan(read: IntentsRead) -> _IntentChange:
+        def plan(read: IntentsRead) -> Intent | _IntentChange:
             change = transitions.delete_intent(read.as_state(), intent_id, who, reason, time.time())
-            assert change.entry is not None  # a removal always changes the state
+            if change.entry is None:
+                return change.result  # removed before (a retry): answered as then
             ops = [delete(self.layout.intent(intent_id))]
             return _IntentChange(change.result, ops, change.entry, logged=None)
 
@@ -513,9 +586,13 @@ class EtcdStore(ControlStore):
                     missing(keys.decision_revision) if first else value_is(keys.decision_revision, previous)
                 )
                 result = await self._txn(
-                    [create_revision_is(keys.leader, decision.term), revision_guard],
+                    [
+                        create_revision_is(keys.leader, decision.term),
+                        revision_guard,
+                        value_is(keys.epoch, decision.epoch.encode()),
+                    ],
                     success,
-                    [get(keys.leader), get(keys.decision_revision)],
+                    [get(keys.leader), get(keys.decision_revision), get(keys.epoch)],
                 )
                 if result.succeeded:
                     return decision
@@ -529,6 +606,13 @@ class EtcdStore(ControlStore):
                     )
                     raise NotLeader(
                         f"etcd refused the decision: term {decision.term} is over ({now})", leader=holder
+                    )
+                epoch = result.first(2)
+                if epoch is None or epoch.value != decision.epoch.encode():
+                    found = epoch.value.decode("ascii", errors="replace") if epoch is not None else "(none)"
+                    raise Conflict(
+                        f"decision of epoch {decision.epoch or '(none)'} refused",
+                        f"the cluster state under this prefix is epoch {found}",
                     )
                 # The local view guessed wrong about whether a decision exists: retry once
                 # with the right guard if the revision really is the next one.

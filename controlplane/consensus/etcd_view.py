@@ -8,6 +8,12 @@ Everything lives under one prefix `P` (`backend.etcd.prefix`, `/controlplane` by
 `P/members/{id}`               `{"id", "address"}` under the member's lease: it is alive
 `P/decision/value`             the committed decision (JSON, `decision_to_json`)
 `P/decision/revision`          that decision's revision in ASCII: what commits compare
+`P/clock`                      `{"ctime", "wall"}`: the cluster's clock, written by the leader
+                               every second (fenced by its term, no lease: it outlives every
+                               member); members extrapolate it with their monotonic clocks
+`P/epoch`                      the state's epoch in ASCII: created once, by the first member
+                               to start on an empty prefix (create-if-absent), with its
+                               history entry `P/history/e/epoch`; every commit compares it
 `P/intents/{id}`               one standing intent (JSON, `intent_to_json`, with its seq)
 `P/intent-seq`                 the last intent sequence number in ASCII; every intent write
                                compares its mod_revision, so intent writes are serialised
@@ -67,7 +73,14 @@ from controlplane.model import (
     observation_from_json,
     observation_to_json,
 )
-from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, ObservationKey
+from controlplane.state import (
+    HISTORY_LIMIT,
+    ControlState,
+    HistoryEntry,
+    ObservationKey,
+    history_from_json,
+    history_to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +102,9 @@ class Layout:
         self.members = self.root + b"members/"
         self.decision = self.root + b"decision/value"
         self.decision_revision = self.root + b"decision/revision"
+        self.epoch = self.root + b"epoch"
+        self.clock = self.root + b"clock"
+        self.epoch_history = self.root + b"history/e/epoch"
         self.intents = self.root + b"intents/"
         self.intent_seq = self.root + b"intent-seq"
         self.history = self.root + b"history/"
@@ -112,8 +128,8 @@ class Layout:
         return self.observations + _quote(observer)
 
     def is_state_key(self, key: bytes) -> bool:
-        """Whether `key` is shown by `ControlState` (leadership and liveness are not)."""
-        return key != self.leader and not key.startswith(self.members)
+        """Whether `key` is shown by `ControlState` (leadership, liveness and the clock are not)."""
+        return key not in (self.leader, self.clock) and not key.startswith(self.members)
 
 
 # -- values ------------------------------------------------------------------------------
@@ -132,14 +148,7 @@ def encode_intent(intent: Intent) -> bytes:
 
 
 def encode_history(entry: HistoryEntry, intent: Intent | None = None) -> bytes:
-    data: dict[str, Any] = {
-        "kind": entry.kind,
-        "at": entry.at,
-        "revision": entry.revision,
-        "summary": entry.summary,
-        "intent_id": entry.intent_id,
-        "who": entry.who,
-    }
+    data = history_to_json(entry)
     if intent is not None:
         data["intent"] = intent_to_json(intent)
     return dumps(data)
@@ -147,14 +156,7 @@ def encode_history(entry: HistoryEntry, intent: Intent | None = None) -> bytes:
 
 def decode_history(value: bytes) -> tuple[HistoryEntry, Intent | None]:
     data = orjson.loads(value)
-    entry = HistoryEntry(
-        kind=str(data["kind"]),
-        at=float(data["at"]),
-        revision=int(data["revision"]),
-        summary=str(data["summary"]),
-        intent_id=None if data.get("intent_id") is None else str(data["intent_id"]),
-        who=None if data.get("who") is None else str(data["who"]),
-    )
+    entry = history_from_json(data)
     intent = intent_from_json(data["intent"]) if data.get("intent") is not None else None
     return entry, intent
 
@@ -190,6 +192,7 @@ class IntentsRead:
     intents: Mapping[str, Intent]
     applied: Mapping[str, Intent]  # intents applied within the history window, by id
     decision: Decision | None
+    removals: tuple[HistoryEntry, ...] = ()  # intent removals within the history window
 
     def as_state(self) -> ControlState:
         """The part of the control state an intent command reads (`controlplane.transitions`)."""
@@ -198,6 +201,7 @@ class IntentsRead:
             intents=self.intents,
             intent_seq=self.seq,
             recent_intents=self.applied,
+            history=self.removals,
         )
 
 
@@ -219,11 +223,14 @@ def intents_read_from(
         if value is not None:
             seq, seq_mod = value, kv.mod_revision
     applied: dict[str, Intent] = {}
+    removals: list[HistoryEntry] = []
     for kv in sorted(history_kvs, key=lambda kv: kv.create_revision):
         decoded = _decode_or_none(kv, decode_history)
         if decoded is not None and decoded[1] is not None:
             applied[decoded[1].id] = decoded[1]
-    return IntentsRead(seq, seq_mod, intents, applied, decision)
+        if decoded is not None and decoded[0].kind == "intent-removed":
+            removals.append(decoded[0])
+    return IntentsRead(seq, seq_mod, intents, applied, decision, tuple(removals))
 
 
 _warned: set[bytes] = set()
@@ -259,6 +266,7 @@ class _HistoryItem:
 class _Areas:
     """The parsed keys, by area; rebuilt from scratch by `reset`, patched by `apply`."""
 
+    epoch: str = ""
     decision: Decision | None = None
     intents: dict[bytes, Intent] = field(default_factory=dict)
     intent_seq: int = 0
@@ -270,6 +278,7 @@ class _Areas:
     applied: dict[str, Intent] = field(default_factory=dict)
     leader: KeyValue | None = None
     members: dict[bytes, KeyValue] = field(default_factory=dict)
+    clock: KeyValue | None = None
 
 
 class EtcdView:
@@ -298,6 +307,18 @@ class EtcdView:
     def leader(self) -> KeyValue | None:
         return self._areas.leader
 
+    @property
+    def clock(self) -> tuple[int, float, float] | None:
+        """(mod_revision, cluster time, leader's wall time) of the last clock write seen."""
+        kv = self._areas.clock
+        if kv is None:
+            return None
+        try:
+            data = orjson.loads(kv.value)
+            return kv.mod_revision, float(data["ctime"]), float(data["wall"])
+        except (ValueError, KeyError, TypeError):
+            return None
+
     def members(self) -> dict[str, str]:
         """Live member id -> the address it announced."""
         out: dict[str, str] = {}
@@ -318,9 +339,9 @@ class EtcdView:
 
     def intents_read(self) -> IntentsRead:
         a = self._areas
-        return IntentsRead(
-            a.intent_seq, a.intent_seq_mod, dict(self.state.intents), dict(a.applied), a.decision
-        )
+        removals = tuple(i.entry for i in a.history.values() if i.entry.kind == "intent-removed")
+        intents, applied = dict(self.state.intents), dict(a.applied)
+        return IntentsRead(a.intent_seq, a.intent_seq_mod, intents, applied, a.decision, removals)
 
     # -- changes -------------------------------------------------------------------------
 
@@ -366,7 +387,7 @@ class EtcdView:
                 dirty.add(self._put(a, kv))
         self.applied_revision = newest
         self.progress_revision = max(self.progress_revision, newest)
-        dirty -= {"leader", "members", ""}
+        dirty -= {"leader", "members", "clock", ""}
         if not dirty:
             return False
         previous = self.state
@@ -386,6 +407,9 @@ class EtcdView:
         if key == keys.leader:
             a.leader = kv
             return "leader"
+        if key == keys.clock:
+            a.clock = kv
+            return "clock"
         if key.startswith(keys.members):
             a.members[key] = kv
             return "members"
@@ -394,6 +418,10 @@ class EtcdView:
             return "decision"
         if key == keys.decision_revision:
             return ""  # the compare target only; the decision carries its revision
+        if key == keys.epoch:
+            epoch = _decode_or_none(kv, lambda v: v.decode("ascii"))
+            a.epoch = epoch or ""
+            return "epoch"
         if key.startswith(keys.intents):
             intent = _decode_or_none(kv, lambda v: intent_from_json(orjson.loads(v)))
             if intent is None:
@@ -429,12 +457,18 @@ class EtcdView:
         if key == keys.leader:
             a.leader = None
             return "leader"
+        if key == keys.clock:
+            a.clock = None
+            return "clock"
         if key.startswith(keys.members):
             a.members.pop(key, None)
             return "members"
         if key == keys.decision:
             a.decision = None
             return "decision"
+        if key == keys.epoch:
+            a.epoch = ""
+            return "epoch"
         if key.startswith(keys.intents):
             a.intents.pop(key, None)
             return "intents"
@@ -486,6 +520,7 @@ class EtcdView:
         else:
             history = reuse.history
         return ControlState(
+            epoch=a.epoch,
             version=version,
             decision=a.decision,
             intents=intents,
@@ -502,7 +537,8 @@ def _with_version(state: ControlState, version: int) -> ControlState:
 
 def _same_content(a: ControlState, b: ControlState) -> bool:
     return (
-        a.decision == b.decision
+        a.epoch == b.epoch
+        and a.decision == b.decision
         and dict(a.intents) == dict(b.intents)
         and a.intent_seq == b.intent_seq
         and dict(a.observations) == dict(b.observations)

@@ -39,8 +39,9 @@ def _raft_store(settings: Settings, agent_id: str, data_dir: Path) -> ControlSto
             election_timeout_min_s=raft.election_timeout_min_s,
             election_timeout_max_s=raft.election_timeout_max_s,
             heartbeat_s=raft.heartbeat_s,
-            leader_fallback_s=raft.leader_fallback_s,
             commit_timeout_s=raft.commit_timeout_s,
+            fresh_window_s=raft.fresh_window_s,
+            snapshot_entries=raft.snapshot_entries,
         ),
         dial=dict(settings.cluster.dial) or None,
     )
@@ -54,7 +55,7 @@ def _etcd_store(settings: Settings, etcd: EtcdConfig, agent_id: str) -> ControlS
     password: str | None = None
     if etcd.password is not None:
         try:
-            password = etcd.password.resolve("backend.etcd.password")
+            password = etcd.password.resolve("backend.etcd.password", strong=False)
         except ConfigError as exc:
             problems.extend(exc.problems)
     if etcd.username is not None and etcd.password is None:

@@ -41,7 +41,8 @@ class MemoryGroup:
         if not members or len(set(members)) != len(members):
             raise ValueError(f"members must be distinct and at least one (got {list(members)})")
         self.members = tuple(members)
-        self.state = ControlState()
+        # The group's state is created with the group: its epoch is chosen now.
+        self.state = transitions.init_epoch(ControlState(), transitions.new_epoch(), time.time()).state
         self.term = 0
         self.leader: str | None = None
         self.fence_term = 0
@@ -154,6 +155,9 @@ class MemoryStore(ControlStore):
     def status(self) -> StoreStatus:
         return self._status
 
+    def cluster_time(self) -> float:
+        return time.time()  # one process, one clock
+
     async def wait_for_change(self, after_version: int, timeout_s: float) -> ControlState:
         return await self._changes.wait(lambda: self._state, after_version, timeout_s, lambda: self._closed)
 
@@ -203,8 +207,11 @@ class MemoryStore(ControlStore):
     async def publish_observations(self, observer: str, observations: Sequence[Observation]) -> None:
         self._require_running()
 
+        at = self.cluster_time()
+        stamped = [dataclasses.replace(o, at=at) for o in observations]
+
         def apply(state: ControlState) -> transitions.Change[None]:
-            after = transitions.publish_observations(state, observer, observations)
+            after = transitions.publish_observations(state, observer, stamped)
             return transitions.Change(after, None, None)
 
         self.group.commit(self.member_id, apply)

@@ -1,191 +1,184 @@
 """The replicated state machine behind `RaftStore`: what one committed command does.
 
-pysyncobj applies every committed command, in log order, on every member, and again on
-restart when it replays the journal. So each command here is a deterministic function of
-(the state, the command's arguments): no clock, no randomness, no I/O, nothing from the
-member's own Raft view. Times arrive in the arguments, stamped by the member that wrote
-them. `version` counts applied changes, so it is the same on every member for the same
-log prefix.
+The engine (`controlplane.raft`) applies every committed entry, in log order, on every
+member, and again on restart when it replays the journal. Each entry is one command,
+encoded here as JSON (never pickle: nothing from a journal or the network is ever
+unpickled), and applied through `controlplane.transitions`, the same functions every
+backend uses. So a command is a deterministic function of (the state, the command, the
+entry's index, term and cluster time): no clock, no randomness, no I/O.
 
-A command never raises. An exception in pysyncobj's apply loop leaves the entry
-unapplied and retried on every tick, forever. A command the state refuses (an undrain with
-nothing to undrain, a lost compare-and-set, a decision from a deposed leader) returns the
-error instead; it changes nothing, not even `version`, and the caller raises it.
+- Times come from the entry: the cluster time the leader stamped on it (`ctime`), which
+  no member's wall clock can move. An observation is stamped with it too, so freshness
+  is measured in cluster time whatever the observer's clock says (issue 13, item 4).
+- A decision is applied only if it was proposed in the term of its entry: a leader
+  appends only in its own term, so a decision stamped with another term was proposed by
+  a deposed leader and is refused, on every member alike (the term fence).
+- A command never raises. A refusal (an undrain with nothing to undrain, a lost
+  compare-and-set, a deposed leader's decision, a command this release does not know)
+  is returned as the error and changes nothing, not even `version`; the proposer raises
+  it. An unexpected exception is returned the same way (and logged): since it is
+  deterministic, every member refuses alike and stays identical.
+- `version` is the index of the last entry applied, so it only grows, across restarts
+  and snapshots too.
 
-Term fencing: every leader commits `claim_term(term)` as soon as it is elected, and every
-committed decision raises the fence to its own term. A decision stamped with a term below
-the fence is refused. A deposed leader whose write was queued before it stepped down, and
-then forwarded to the new leader, is therefore refused on every member alike.
-
-Changing the commands: pysyncobj numbers them by (ver, name) and the journal and the
-wire carry those numbers. A new command must therefore get a higher `ver` (with
-`replicated(ver=1)`), never just a new name, and an existing command must keep its name
-and arguments; otherwise a journal written by the previous release, or a member still
-running it, applies the wrong command.
-
-Why a `SyncObjConsumer` and not a `SyncObj` subclass: pysyncobj snapshots exactly the
-attributes an object gains after its base `__init__`. A `SyncObj` subclass could only set
-its state after `SyncObj.__init__` has started the thread that applies commands; a
-consumer is complete before its `SyncObj` exists.
+Changing the commands: a command keeps its `op` name and arguments forever (journals and
+members of the previous release carry them); a new behaviour is a new `op`.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import logging
-from collections.abc import Callable, Sequence
-from types import MappingProxyType
-from typing import Any, TypeVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
-from pysyncobj import SyncObjConsumer, replicated
+import orjson
 
 from controlplane import transitions
-from controlplane.errors import Conflict, ControlplaneError, NotLeader, Rejected, StoreError
-from controlplane.model import Decision, Intent, Observation
-from controlplane.state import ControlState, HistoryEntry, ObservationKey
+from controlplane.errors import Conflict, ControlplaneError, NotLeader, StoreError
+from controlplane.model import (
+    Decision,
+    Intent,
+    Observation,
+    decision_from_json,
+    decision_to_json,
+    intent_from_json,
+    intent_to_json,
+    observation_from_json,
+    observation_to_json,
+)
+from controlplane.state import ControlState, state_from_json, state_to_json
 
 log = logging.getLogger(__name__)
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-# `replicated(ver=0)` returns the decorator itself. Used this way pysyncobj finds the class
-# namespace one frame up, which is where the decorator is applied; the bare `@replicated`
-# form looks two frames up and would break under any wrapper. Typed loosely on purpose:
-# callers add pysyncobj's `callback=` keyword.
-_replicated: Callable[[Callable[..., Any]], Callable[..., Any]] = replicated(ver=0)
+SNAPSHOT_FORMAT = 1
 
 
-def _never_raises(apply: _F) -> _F:
-    """Turn an unexpected exception in a command into a returned `StoreError`.
-
-    Deterministic code fails the same way on every member, so returning the error (state
-    untouched, since commands assign only after computing) keeps members identical and
-    keeps pysyncobj's apply loop moving.
-    """
-
-    @functools.wraps(apply)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return apply(*args, **kwargs)
-        except Exception as exc:
-            log.exception("replicated command %s failed; state unchanged", apply.__name__)
-            return StoreError(f"{apply.__name__} failed on apply", repr(exc))
-
-    return guarded  # type: ignore[return-value]
+# -- commands ------------------------------------------------------------------------------
 
 
-class ControlMachine(SyncObjConsumer):  # type: ignore[misc]  # pysyncobj has no type hints
-    """The control state as a pysyncobj consumer; `on_change` gets each new snapshot.
+def observations_command(observer: str, observations: Sequence[Observation]) -> bytes:
+    return orjson.dumps(
+        {"op": "observations", "observer": observer, "items": [observation_to_json(o) for o in observations]}
+    )
 
-    `on_change` runs on pysyncobj's thread right after a change is applied (or a snapshot
-    is loaded); it must be quick and must not raise.
+
+def intent_command(intent: Intent) -> bytes:
+    return orjson.dumps({"op": "intent", "intent": intent_to_json(intent)})
+
+
+def delete_command(intent_id: str, who: str, reason: str) -> bytes:
+    return orjson.dumps({"op": "delete", "id": intent_id, "who": who, "reason": reason})
+
+
+def decision_command(decision: Decision) -> bytes:
+    return orjson.dumps({"op": "decision", "decision": decision_to_json(decision)})
+
+
+def epoch_command(epoch: str) -> bytes:
+    return orjson.dumps({"op": "epoch", "epoch": epoch})
+
+
+# -- the machine ---------------------------------------------------------------------------
+
+
+class ControlMachine:
+    """The control state as the engine's state machine; `on_change` gets each new snapshot.
+
+    `apply`, `snapshot` and `restore` run on the engine's thread. `on_change` is called
+    there right after every change (and after a restore); it must be quick and must not
+    raise.
     """
 
     def __init__(self, on_change: Callable[[ControlState], None]) -> None:
-        # Attributes set before the base __init__ are local to this member; everything
-        # set after it is replicated state, and is what pysyncobj writes into snapshots.
         self._on_change = on_change
-        super().__init__()
-        # Published mappings are never mutated in place; each command builds new ones, so
-        # a snapshot handed out earlier never changes under its reader.
-        self.version = 0
-        self.decision: Decision | None = None
-        self.intents: dict[str, Intent] = {}
-        self.intent_seq = 0
-        self.observations: dict[ObservationKey, Observation] = {}
-        self.history: tuple[HistoryEntry, ...] = ()
-        self.recent_intents: dict[str, Intent] = {}
-        self.fence_term = 0
+        self.state = ControlState()
 
-    # -- snapshots -----------------------------------------------------------------------
+    # -- the engine's StateMachine protocol -----------------------------------------------
 
-    def snapshot(self) -> ControlState:
-        return ControlState(
-            version=self.version,
-            decision=self.decision,
-            intents=MappingProxyType(self.intents),
-            intent_seq=self.intent_seq,
-            observations=MappingProxyType(self.observations),
-            history=self.history,
-            recent_intents=MappingProxyType(self.recent_intents),
-        )
+    def apply(self, index: int, term: int, ctime: float, data: bytes) -> object:
+        try:
+            command = orjson.loads(data)
+            op = command.get("op") if isinstance(command, dict) else None
+            handler = _HANDLERS.get(op) if isinstance(op, str) else None
+            if handler is None:
+                return StoreError(f"unknown replicated command {op!r}", "written by a newer release?")
+            change = handler(self.state, command, term, ctime)
+        except ControlplaneError as exc:
+            return exc
+        except Exception as exc:
+            log.exception("replicated command at index %d failed; state unchanged", index)
+            return StoreError("the command failed on apply", repr(exc))
+        if change.state is not self.state:
+            self.state = dataclasses.replace(change.state, version=index)
+            self._publish()
+        return change.result
 
-    def _deserialize(self, data: Any) -> None:
-        # Called by pysyncobj when it loads a snapshot (from disk on restart, or sent by
-        # the leader to a member that fell behind the compacted log).
-        super()._deserialize(data)
+    def snapshot(self) -> bytes:
+        return orjson.dumps({"format": SNAPSHOT_FORMAT, "state": state_to_json(self.state)})
+
+    def restore(self, data: bytes) -> None:
+        if not data:
+            self.state = ControlState()
+        else:
+            loaded = orjson.loads(data)
+            if not isinstance(loaded, dict) or loaded.get("format") != SNAPSHOT_FORMAT:
+                raise StoreError("unreadable snapshot", f"format {loaded.get('format')!r} is not known here")
+            self.state = state_from_json(loaded["state"])
         self._publish()
 
     def _publish(self) -> None:
         try:
-            self._on_change(self.snapshot())
+            self._on_change(self.state)
         except Exception:
             log.exception("publishing the applied state failed")
 
-    def _changed(self) -> None:
-        self.version += 1
-        self._publish()
 
-    # -- replicated commands -------------------------------------------------------------
+# -- what each command does ----------------------------------------------------------------
 
-    def _current(self) -> ControlState:
-        return ControlState(
-            decision=self.decision,
-            intents=self.intents,
-            intent_seq=self.intent_seq,
-            observations=self.observations,
-            history=self.history,
-            recent_intents=self.recent_intents,
+_Command = Mapping[str, Any]
+_Result = transitions.Change[Any]
+_Handler = Callable[[ControlState, _Command, int, float], _Result]
+
+
+def _observations(
+    state: ControlState, c: Mapping[str, Any], term: int, ctime: float
+) -> transitions.Change[Any]:
+    observer = str(c["observer"])
+    # Stamped with the entry's cluster time, not the observer's wall clock.
+    items = [dataclasses.replace(observation_from_json(o), at=ctime) for o in c["items"]]
+    after = transitions.publish_observations(state, observer, items)
+    return transitions.Change(after, None, None)
+
+
+def _intent(state: ControlState, c: _Command, term: int, ctime: float) -> _Result:
+    return transitions.submit_intent(state, intent_from_json(c["intent"]), ctime)
+
+
+def _delete(state: ControlState, c: _Command, term: int, ctime: float) -> _Result:
+    return transitions.delete_intent(state, str(c["id"]), str(c["who"]), str(c["reason"]), ctime)
+
+
+def _decision(state: ControlState, c: _Command, term: int, ctime: float) -> _Result:
+    decision = decision_from_json(c["decision"])
+    if decision.term != term:
+        raise NotLeader(
+            f"decision of term {decision.term} refused: it was appended in term {term}",
+            leader=None,
         )
+    if decision.revision < 1:
+        raise Conflict(f"revision {decision.revision} is not the next revision", "revisions start at 1")
+    return transitions.commit_decision(state, decision, fence_term=term)
 
-    def _take(self, state: ControlState) -> None:
-        self.decision = state.decision
-        self.intents = dict(state.intents)
-        self.intent_seq = state.intent_seq
-        self.observations = dict(state.observations)
-        self.history = state.history
-        self.recent_intents = dict(state.recent_intents)
-        self._changed()
 
-    @_replicated
-    @_never_raises
-    def publish_observations(self, observer: str, observations: Sequence[Observation]) -> None:
-        self._take(transitions.publish_observations(self._current(), observer, observations))
+def _epoch(state: ControlState, c: _Command, term: int, ctime: float) -> _Result:
+    return transitions.init_epoch(state, str(c["epoch"]), ctime)
 
-    @_replicated
-    @_never_raises
-    def submit_intent(self, intent: Intent, at: float) -> Intent | ControlplaneError:
-        try:
-            change = transitions.submit_intent(self._current(), intent, at)
-        except Rejected as exc:
-            return exc
-        if change.changed:
-            self._take(change.state)
-        return change.result
 
-    @_replicated
-    @_never_raises
-    def delete_intent(self, intent_id: str, who: str, reason: str, at: float) -> Intent | ControlplaneError:
-        try:
-            change = transitions.delete_intent(self._current(), intent_id, who, reason, at)
-        except Rejected as exc:
-            return exc
-        self._take(change.state)
-        return change.result
-
-    @_replicated
-    @_never_raises
-    def commit_decision(self, decision: Decision) -> Decision | ControlplaneError:
-        try:
-            change = transitions.commit_decision(self._current(), decision, self.fence_term)
-        except (NotLeader, Conflict) as exc:
-            return exc
-        self.fence_term = decision.term
-        self._take(change.state)
-        return change.result
-
-    @_replicated
-    @_never_raises
-    def claim_term(self, term: int) -> None:
-        # Not part of ControlState, so `version` does not move: nothing a reader sees changed.
-        self.fence_term = max(self.fence_term, term)
+_HANDLERS: dict[str, _Handler] = {
+    "observations": _observations,
+    "intent": _intent,
+    "delete": _delete,
+    "decision": _decision,
+    "epoch": _epoch,
+}

@@ -7,6 +7,7 @@ answer as it came (status, which needs two routes, prints both under `cluster` a
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import sys
 import time
@@ -16,6 +17,7 @@ import click
 
 from controlplane.client.following import Following, Served
 from controlplane.cpctl import render
+from controlplane.cpctl.errors import CpctlError
 from controlplane.cpctl.follow import follow as follow_decisions
 from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import CpctlGroup, Settings, command, global_options
@@ -63,10 +65,31 @@ def status(settings: Settings) -> None:
     # The decision first: it moves the client to an agent with quorum when there is one.
     decision = client.get("/v1/decision").body
     cluster = client.get("/v1/cluster").body
+    views = member_views(client, cluster)
     if settings.json:
-        emit_json({"cluster": cluster, "decision": decision})
+        emit_json({"cluster": cluster, "decision": decision, "members": views})
         return
-    render.make_console().print(render.status(cluster, decision, time.time()))
+    render.make_console().print(render.status(cluster, decision, time.time(), views))
+
+
+MEMBER_VIEW_TIMEOUT_S = 2.0
+
+
+def member_views(client: Client, cluster: dict[str, Any]) -> dict[str, Any]:
+    """Every member's own /v1/cluster, asked in parallel with a short timeout (or why not)."""
+    scheme = client.endpoint.split("://", 1)[0]
+    targets = {str(m["id"]): f"{scheme}://{m['http']}" for m in cluster.get("members", []) if m.get("http")}
+
+    def ask(endpoint: str) -> Any:
+        try:
+            r = client.get_from(endpoint, "/v1/cluster", None, MEMBER_VIEW_TIMEOUT_S)
+        except CpctlError as e:
+            return f"not answering ({e.message.split(': ', 1)[-1]})"
+        return r.body if r.status == 200 and isinstance(r.body, dict) else f"answered {r.status}"
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(targets))) as pool:
+        answers = dict(zip(targets, pool.map(ask, targets.values()), strict=True))
+    return answers
 
 
 @command(cli, "regions")

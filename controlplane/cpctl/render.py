@@ -22,6 +22,9 @@ from controlplane.cpctl.errors import OutputClosed
 
 Json = Mapping[str, Any]
 
+# A clock this far off the leader's is shown in yellow (the alert rule fires past it too).
+SKEW_WARN_S = 5.0
+
 STATE_STYLES = {"healthy": "green", "degraded": "yellow", "down": "bold red", "drained": "blue"}
 
 
@@ -147,23 +150,50 @@ def reasons_block(decision: Json) -> RenderableType:
     return text
 
 
-def members_table(cluster: Json) -> Table:
+def members_table(cluster: Json, views: Mapping[str, Json | str] | None = None) -> Table:
+    """The members; with `views` (member id -> its own /v1/cluster, or why it gave none), what
+    each says of itself: the revision it serves, whether it is stale and why, its clock skew."""
     table = Table(header_style="bold", title_justify="left")
-    for column in ("member", "http", "connected", "role"):
+    columns = ["member", "http", "connected", "role"]
+    if views is not None:
+        columns += ["revision", "fresh", "clock skew"]
+    for column in columns:
         table.add_column(column)
     for m in cluster.get("members", []):
         connected = m.get("connected")
         you = m.get("id") == cluster.get("agent")
-        table.add_row(
+        row: list[RenderableType] = [
             str(m.get("id")) + (" (asked)" if you else ""),
             str(m.get("http") or "-"),
             Text("yes", style="green") if connected else Text("NO", style="bold red"),
             Text("leader", style="bold") if m.get("leader") else Text("follower", style="dim"),
-        )
+        ]
+        if views is not None:
+            row += self_view(views.get(str(m.get("id")), "not asked"))
+        table.add_row(*row)
     return table
 
 
-def status(cluster: Json, decision: Json, now: float) -> RenderableType:
+def self_view(view: Json | str) -> list[RenderableType]:
+    """An agent's own account: revision, fresh or stale (with why), clock skew against the leader."""
+    if isinstance(view, str):
+        return [Text("?", style="dim"), Text(view, style="bold red"), Text("-", style="dim")]
+    fresh = view.get("has_quorum")
+    why = "; ".join(str(p) for p in view.get("problems") or []) or "stale"
+    skew = view.get("clock_skew_s")
+    skew_text = Text("-", style="dim")
+    if isinstance(skew, int | float):
+        skew_text = Text(f"{skew:+.2f} s", style="bold yellow" if abs(skew) > SKEW_WARN_S else "")
+    return [
+        str(view.get("revision")),
+        Text("yes", style="green") if fresh else Text(f"NO: {why}", style="bold red"),
+        skew_text,
+    ]
+
+
+def status(
+    cluster: Json, decision: Json, now: float, views: Mapping[str, Json | str] | None = None
+) -> RenderableType:
     quorum = cluster.get("has_quorum")
     head = Text()
     head.append(f"cluster {cluster.get('cluster')}", style="bold")
@@ -177,7 +207,7 @@ def status(cluster: Json, decision: Json, now: float) -> RenderableType:
     rev.append(f"decision revision {decision.get('revision')}", style="bold")
     rev.append(f"  committed {decision.get('committed_at')}{age} by {decision.get('leader')}")
     rev.append(f"  served by {decision.get('served_by')}")
-    parts: list[RenderableType] = [head, members_table(cluster), Text(""), rev, *flags_lines(decision)]
+    parts: list[RenderableType] = [head, members_table(cluster, views), Text(""), rev, *flags_lines(decision)]
     parts += [weights_table(decision), reasons_block(decision)]
     return Group(*parts)
 
@@ -308,15 +338,20 @@ def observations(body: Json) -> RenderableType:
         latency = o.get("latency_ms")
         util = o.get("utilization")
         age = f"{ago(float(o.get('age_s', 0)))}" + ("" if o.get("fresh") else " (expired)")
+        if o.get("inconclusive"):
+            # Not a witness either way: the last state, marked as such.
+            state = Text(f"? (was {'up' if o.get('up') else 'down'})", style="yellow")
+        else:
+            state = Text("up", style="green") if o.get("up") else Text("DOWN", style="bold red")
         table.add_row(
             str(o.get("region")),
             str(o.get("service")),
             str(o.get("observer")),
-            Text("up", style="green") if o.get("up") else Text("DOWN", style="bold red"),
+            state,
             "-" if latency is None else f"{latency:.0f}",
             "-" if util is None else f"{util:.0%}",
             Text(age, style="" if o.get("fresh") else "dim"),
-            str(o.get("error") or ""),
+            str(o.get("inconclusive") or o.get("error") or ""),
         )
     return table
 

@@ -89,7 +89,13 @@ def _track(
         verdict = prev.verdict
     if verdict == Verdict.UNKNOWN:
         verdict = prev.verdict if prev is not None else Verdict.UP
-        if not j.fresh:
+        if j.inconclusive:
+            b.reasons.append(
+                f"{name}: {j.inconclusive} of {j.fresh} observers' probes are inconclusive "
+                f"({j.inconclusive_why}), {j.up} up and {j.down} down, {j.quorum_words()}: "
+                f"keeping it {verdict}"
+            )
+        elif not j.fresh:
             b.reasons.append(f"{name}: no fresh observations; keeping it {verdict}")
         elif verdict == Verdict.DOWN:
             b.reasons.append(

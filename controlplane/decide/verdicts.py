@@ -22,6 +22,13 @@ observer sees something up. An agent that reaches nothing at all, its own region
 included, while others do, is itself the fault; an agent cut off from the other regions
 still sees its own region up and remains a witness; and when every observer sees
 everything down they agree, their view counts, and the panic rule decides.
+
+An **inconclusive** observation (`Observation.inconclusive`: the observer's probes of
+that pair could not tell, say its Prometheus is unreachable) is no witness either way:
+it counts neither towards a DOWN nor towards an UP quorum, nor towards finding an
+observer impaired. When too few conclusive observations are left the pair is
+`UNKNOWN`, the last verdict stands, and the judgement carries how many observers were
+inconclusive and why, for the reasons.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ class Judgement:
     latency_ms: float | None = None
     utilization: float | None = None
     configured: int = 0
+    inconclusive: int = 0
+    inconclusive_why: str | None = None
 
     def quorum_words(self) -> str:
         if self.configured:
@@ -114,7 +123,9 @@ def find_impaired(
     homes = policy.observers
     for (_, region), by_observer in latest.items():
         for observer, o in by_observer.items():
-            if o.up:
+            if o.inconclusive:
+                pass  # neither up nor down: no evidence about the observer either
+            elif o.up:
                 saw_up.add(observer)
             elif observer in homes:
                 down_in.setdefault(observer, set()).add(region)
@@ -191,6 +202,11 @@ def judge(
 def _judge_one(policy: Policy, views: list[Observation], live: int, quorum: int) -> Judgement:
     if not views:
         return Judgement(Verdict.UNKNOWN, quorum=quorum, configured=len(policy.observers))
+    unsure = Counter(v.inconclusive for v in views if v.inconclusive)
+    # Most common words, ties broken by text, so every agent writes the same sentence.
+    unsure_why = min(unsure, key=lambda e: (-unsure[e], e)) if unsure else None
+    if unsure:
+        views = [v for v in views if not v.inconclusive]
     down = [v for v in views if not v.up]
     up = [v for v in views if v.up]
     errors = Counter(v.error for v in down if v.error)
@@ -223,6 +239,8 @@ def _judge_one(policy: Policy, views: list[Observation], live: int, quorum: int)
         latency_ms=latency,
         utilization=utilization,
         configured=len(policy.observers),
+        inconclusive=sum(unsure.values()),
+        inconclusive_why=unsure_why,
     )
 
 

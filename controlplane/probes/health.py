@@ -31,6 +31,15 @@ targets: load balancers spread traffic over all of them, so one slow or hot targ
 what a share of the users feel (gray failure). A down observation carries the error of
 the first down target in configured order and no latency. Either way `at` is the time of
 the latest probe of any of its targets, so an observation ages when probing stalls.
+
+Inconclusive probes (a Prometheus that does not answer, or answers nothing) are not
+failures: they touch neither the streaks nor the filtered values, so rise/fall resumes
+where it was when answers come back. A target whose last `fall` probes were all
+inconclusive is itself inconclusive, and is left out of the rule above, which the
+targets that can tell decide alone. When no target can tell (every one is unknown or
+inconclusive, at least one inconclusive), the observation says so in `inconclusive`,
+with `up` the last conclusive state: `decide()` does not count it either way. A target
+that never had a conclusive probe publishes nothing else than that.
 """
 
 from __future__ import annotations
@@ -60,6 +69,9 @@ class TargetHealth:
     utilization: float | None = None
     error: str | None = None
     at: float | None = None
+    # Consecutive inconclusive probes (capped at `fall`) and the last one's words.
+    unsure: int = 0
+    unsure_why: str | None = None
     _latencies: deque[float] = field(default_factory=deque, repr=False)
     _utilizations: deque[float] = field(default_factory=deque, repr=False)
 
@@ -70,11 +82,22 @@ class TargetHealth:
     def record(self, result: ProbeResult, at: float) -> None:
         """Count one probe result taken at wall time `at`."""
         self.at = at
+        if result.inconclusive:
+            self.unsure = min(self.unsure + 1, self.fall)
+            self.unsure_why = result.error or "inconclusive"
+            return
+        self.unsure = 0
+        self.unsure_why = None
         if result.ok:
             # Streaks are capped at their threshold: only reaching it matters.
             self.successes = min(self.successes + 1, self.rise)
             self.failures = 0
-            self.latency_ms = self._counted(self._latencies, self.latency_ms, result.latency_ms)
+            latency = result.latency_ms
+            if latency is None:
+                self._latencies.clear()
+                self.latency_ms = None
+            else:
+                self.latency_ms = self._counted(self._latencies, self.latency_ms, latency)
             if result.utilization is None:
                 self._utilizations.clear()
                 self.utilization = None
@@ -88,6 +111,11 @@ class TargetHealth:
             self.error = result.error
             if self.failures >= self.fall:
                 self.up = False
+
+    @property
+    def inconclusive(self) -> bool:
+        """The last `fall` probes could not tell (a Prometheus gone, an empty answer)."""
+        return self.unsure >= self.fall
 
     def _counted(self, recent: deque[float], previous: float | None, value: float) -> float:
         """The filtered value after `value`: rise/fall counting at every threshold at once.
@@ -113,7 +141,8 @@ def summarize(
     if not seen:
         return None
     at = max(seen)
-    up = [t for t in targets if t.up is True]
+    sure = [t for t in targets if not t.inconclusive]
+    up = [t for t in sure if t.up is True]
     if up:
         return Observation(
             observer=observer,
@@ -124,11 +153,25 @@ def summarize(
             latency_ms=_worst(t.latency_ms for t in up),
             utilization=_worst(t.utilization for t in up),
         )
-    for t in targets:
+    for t in sure:
         if t.up is False:
             return Observation(
                 observer=observer, region=region, service=service, up=False, at=at, error=t.error
             )
+    unsure = [t for t in targets if t.inconclusive]
+    if unsure:
+        # Nothing conclusive to say: the last conclusive state, marked as not evidence.
+        last_up = any(t.up is True for t in unsure) or all(t.up is None for t in unsure)
+        error = None if last_up else next((t.error for t in unsure if t.up is False), None)
+        return Observation(
+            observer=observer,
+            region=region,
+            service=service,
+            up=last_up,
+            at=at,
+            error=error,
+            inconclusive=unsure[0].unsure_why,
+        )
     return None
 
 
@@ -138,6 +181,7 @@ def is_slow(observation: Observation | None, slow_ms: float | None) -> bool:
         slow_ms is not None
         and observation is not None
         and observation.up
+        and observation.inconclusive is None
         and observation.latency_ms is not None
         and observation.latency_ms > slow_ms
     )

@@ -3,9 +3,12 @@
 One task per target probes it every `interval_s`, starting at a random offset within
 the first interval so that many targets (and many agents) do not probe in lockstep. A
 semaphore caps how many probes are in flight at once. Each result goes through
-rise/fall counting (`health.py`); when the up/down state of a (region, service), or
-whether it is slow, differs from what was last delivered, the (region, service) is
-marked dirty and a separate notifier task hands the fresh observations to `on_change`.
+rise/fall counting (`health.py`); when the up/down state of a (region, service),
+whether it is slow, or whether it is inconclusive differs from what was last delivered,
+the (region, service) is marked dirty and a separate notifier task hands the fresh
+observations to `on_change`. HTTP and TCP targets are probed by `checks.check`;
+Prometheus targets by a `PrometheusCheck` each (`prometheus.py`), which keeps what a
+query needs between probes (how long a condition has held, which server answered).
 
 "Slow" means up with a latency above `slow_ms` (see `health.is_slow`); it is not
 debounced here, because the decision engine already requires a quorum of observers to
@@ -37,24 +40,25 @@ from controlplane.errors import ControlplaneError
 from controlplane.model import Observation
 from controlplane.probes import checks
 from controlplane.probes.health import TargetHealth, is_slow, summarize
+from controlplane.probes.prometheus import PrometheusCheck
 from controlplane.probes.target import ProbeResult, ProbeTarget
 from controlplane.tasks import FailureHandler, log_failure, spawn
 
 log = logging.getLogger(__name__)
 
 OnChange = Callable[[list[Observation]], Awaitable[None]]
-OnResult = Callable[[ProbeTarget, bool, float, str | None], None]
+OnResult = Callable[[ProbeTarget, ProbeResult], None]
 ServiceKey = tuple[str, str]
-# (up, slow) as last delivered; up is None while unknown.
-_Status = tuple[bool | None, bool]
+# (up, slow, inconclusive) as last delivered; up is None while unknown.
+_Status = tuple[bool | None, bool, bool]
 
 
 class Prober:
     """Probes `targets` on behalf of agent `observer` and reports what changed.
 
     `on_change(observations)` is awaited (at most `callback_timeout_s`) with one
-    observation per (region, service) whose up/down or slow status changed. `on_result`
-    is called synchronously after every probe, for metrics. `wall_clock` stamps
+    observation per (region, service) whose up/down, slow or inconclusive status changed.
+    `on_result(target, result)` is called synchronously after every probe, for metrics. `wall_clock` stamps
     observations; `rng` only decides start offsets. With no `session`, the prober opens
     its own (no connection reuse) and closes it in `stop()`. A probing task that dies
     is handed to `on_task_failure` (the daemon stops the agent: an agent that does not
@@ -96,10 +100,11 @@ class Prober:
         self.on_task_failure = on_task_failure
         self._semaphore = asyncio.Semaphore(max_concurrency)
         self._health = {t: TargetHealth.of(t) for t in self.targets}
+        self._prometheus = {t: PrometheusCheck(t) for t in self.targets if t.kind == "prometheus"}
         self._groups: dict[ServiceKey, list[ProbeTarget]] = {}
         for t in self.targets:
             self._groups.setdefault(t.key, []).append(t)
-        self._delivered: dict[ServiceKey, _Status] = dict.fromkeys(self._groups, (None, False))
+        self._delivered: dict[ServiceKey, _Status] = dict.fromkeys(self._groups, (None, False, False))
         self._dirty: set[ServiceKey] = set()
         self._wakeup = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -138,12 +143,16 @@ class Prober:
     async def probe_once(self, target: ProbeTarget) -> ProbeResult:
         """Probe `target` now and count the result; changes are delivered by `flush()`."""
         health = self._health[target]
+        prometheus = self._prometheus.get(target)
         async with self._semaphore:
-            result = await checks.check(self._http(), target)
+            if prometheus is not None:
+                result = await prometheus.check(self._http())
+            else:
+                result = await checks.check(self._http(), target)
         health.record(result, self._wall_clock())
         if self._on_result is not None:
             try:
-                self._on_result(target, result.ok, result.duration_s, result.error)
+                self._on_result(target, result)
             except Exception:
                 log.exception("on_result hook failed for %s", target.address)
         key = target.key
@@ -239,4 +248,5 @@ class Prober:
 
     def _status_of(self, observation: Observation | None) -> _Status:
         up = None if observation is None else observation.up
-        return (up, is_slow(observation, self._slow_ms))
+        inconclusive = observation is not None and observation.inconclusive is not None
+        return (up, is_slow(observation, self._slow_ms), inconclusive)

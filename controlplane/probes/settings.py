@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from controlplane.config import Settings
-from controlplane.probes.target import DEFAULT_EXPECT_STATUS, ProbeKind, ProbeTarget
+from controlplane.config import PrometheusTargetConfig, Settings
+from controlplane.probes.target import DEFAULT_EXPECT_STATUS, ProbeKind, ProbeTarget, PrometheusProbe
+from controlplane.promql import parse_condition
 
 
 def probe_targets(settings: Settings) -> list[ProbeTarget]:
@@ -12,11 +13,18 @@ def probe_targets(settings: Settings) -> list[ProbeTarget]:
     for region, rc in settings.regions.items():
         for service, sc in rc.services.items():
             for t in sc.targets:
-                kind: ProbeKind = "tcp" if t.url.startswith("tcp://") else "http"
+                kind: ProbeKind
                 host = port = None
-                if kind == "tcp":
+                prometheus = None
+                if t.prometheus is not None:
+                    kind = "prometheus"
+                    prometheus = _prometheus(t.prometheus, defaults.prometheus.servers)
+                elif t.url is not None and t.url.startswith("tcp://"):
+                    kind = "tcp"
                     host, _, port_text = t.url.removeprefix("tcp://").rpartition(":")
                     port = int(port_text)
+                else:
+                    kind = "http"
                 targets.append(
                     ProbeTarget(
                         region=region,
@@ -30,6 +38,20 @@ def probe_targets(settings: Settings) -> list[ProbeTarget]:
                         rise=t.rise or defaults.rise,
                         fall=t.fall or defaults.fall,
                         expect_status=t.expect_status or defaults.expect_status or DEFAULT_EXPECT_STATUS,
+                        prometheus=prometheus,
                     )
                 )
     return targets
+
+
+def _prometheus(config: PrometheusTargetConfig, default_servers: tuple[str, ...]) -> PrometheusProbe:
+    down = config.down
+    return PrometheusProbe(
+        servers=config.servers or default_servers,
+        down_query=down.query,
+        down_when=parse_condition(down.when),
+        down_for_s=down.for_s,
+        down_name=down.name or "",
+        slow_query=config.slow.query if config.slow is not None else None,
+        utilization_query=config.utilization.query if config.utilization is not None else None,
+    )

@@ -10,6 +10,12 @@ timeout tells), refuse connections (the process is gone), or flap.
 
 - `GET /healthz`: 200 with `{"region", "service", "utilization"}` when healthy, 503 when
   not;
+- `GET /metrics`: Prometheus metrics, as an instrumented application exposes them (see
+  `SimMetrics`): request counters by status code and a latency histogram fed by
+  simulated traffic at `SIMULATED_RPS` with the configured `error_ratio` (every request
+  fails while unhealthy) and `latency_ms`, and memory used / limit from `utilization`.
+  It is served like any other path, so refusing or black-holing the backend stops its
+  scrapes too (Prometheus then records `up == 0`);
 - every other path and method: "application traffic", 200 with the text
   `region=<r> service=<s>` and headers `X-Region`/`X-Service` when healthy, 503 when not,
   counted in `requests` (and `errors` for the 503s).
@@ -18,7 +24,8 @@ It is controlled in-process (`set_state`) or, for a backend in another process, 
 admin API on its own port, which no fault mode touches:
 
 - `POST /admin/state` with any of `{"healthy": bool, "latency_ms": n, "utilization": x,
-  "mode": "normal" | "blackhole" | "refuse", "flap_period_s": s}`; answers with the stats;
+  "error_ratio": x, "mode": "normal" | "blackhole" | "refuse", "flap_period_s": s}`;
+  answers with the stats;
 - `GET /admin/stats`: the state and the request counters.
 
 `python -m controlplane.testing.backend --spec FILE` runs several backends in one process
@@ -38,7 +45,8 @@ import math
 import signal
 import socket
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
@@ -46,6 +54,9 @@ from typing import Any, Literal, cast, get_args
 import orjson
 import yaml
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 
 Mode = Literal["normal", "blackhole", "refuse"]
 MODES: tuple[str, ...] = get_args(Mode)
@@ -53,7 +64,11 @@ MODES: tuple[str, ...] = get_args(Mode)
 # Above this the "latency" would just be a blackhole with extra steps.
 MAX_LATENCY_MS = 600_000
 _ADMIN_MAX_BODY = 64 * 1024
-_STATE_KEYS = frozenset({"healthy", "latency_ms", "utilization", "mode", "flap_period_s"})
+_STATE_KEYS = frozenset({"healthy", "latency_ms", "utilization", "error_ratio", "mode", "flap_period_s"})
+# Simulated traffic behind the metrics: enough for a rate() over a few seconds to be smooth.
+SIMULATED_RPS = 200.0
+MEMORY_LIMIT_BYTES = 1 << 30
+LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -84,11 +99,13 @@ class SimBackend:
         self.healthy = True
         self.latency_ms = 0.0
         self.utilization = 0.0
+        self.error_ratio = 0.0
         self.mode: Mode = "normal"
         self.flap_period_s: float | None = None
         self.requests = 0
         self.errors = 0
         self.health_checks = 0
+        self.metrics = SimMetrics(self)
         self._port: int | None = None
         self._admin_port: int | None = None
         self._runner: web.AppRunner | None = None
@@ -134,6 +151,7 @@ class SimBackend:
         try:
             app = web.Application()
             app.router.add_get("/healthz", self._healthz)
+            app.router.add_get("/metrics", self._metrics)
             app.router.add_route("*", "/{tail:.*}", self._traffic)
             # handler_cancellation: a client that gives up on a blackholed request
             # cancels its handler, so held requests cannot pile up.
@@ -201,6 +219,7 @@ class SimBackend:
         healthy: bool | None = None,
         latency_ms: float | None = None,
         utilization: float | None = None,
+        error_ratio: float | None = None,
         mode: Mode | None = None,
         flap_period_s: float | None = None,
     ) -> None:
@@ -211,6 +230,10 @@ class SimBackend:
         stops it and leaves the backend healthy unless `healthy` says otherwise.
         """
         async with self._lock:
+            # Traffic so far was simulated with the old state.
+            self.metrics.advance()
+            if error_ratio is not None:
+                self.error_ratio = min(max(float(error_ratio), 0.0), 1.0)
             if latency_ms is not None:
                 self.latency_ms = float(latency_ms)
             if utilization is not None:
@@ -266,6 +289,7 @@ class SimBackend:
             "mode": self.mode,
             "latency_ms": self.latency_ms,
             "utilization": self.utilization,
+            "error_ratio": self.error_ratio,
             "flap_period_s": self.flap_period_s,
             "requests": self.requests,
             "errors": self.errors,
@@ -292,6 +316,10 @@ class SimBackend:
         return web.json_response(
             {"region": self.region, "service": self.service, "utilization": self.utilization}
         )
+
+    async def _metrics(self, request: web.Request) -> web.StreamResponse:
+        await self._answerable()
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _traffic(self, request: web.Request) -> web.StreamResponse:
         self.requests += 1
@@ -321,6 +349,71 @@ class SimBackend:
         return _json(self.stats())
 
 
+class SimMetrics(Collector):
+    """What an instrumented application would expose, for one simulated backend.
+
+    Simulated traffic runs at `SIMULATED_RPS` whenever the backend is not refusing: its
+    requests are integrated lazily (at each scrape and each state change) into
+    `http_requests_total{code="200"|"503"}` (with the `error_ratio`, or all failing while
+    unhealthy) and `http_request_duration_seconds` (every request at `latency_ms`). Real
+    requests to the backend are counted as well. Memory is `utilization` of a 1 GiB limit:
+    `process_resident_memory_bytes / process_memory_limit_bytes` is the utilization.
+    `clock` is monotonic seconds.
+    """
+
+    def __init__(self, backend: SimBackend, clock: Any = time.monotonic) -> None:
+        self._backend = backend
+        self._clock = clock
+        self._last = clock()
+        self.ok = 0.0
+        self.failed = 0.0
+        self._buckets = [0.0] * len(LATENCY_BUCKETS_S)
+        self._count = 0.0
+        self._sum_s = 0.0
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
+
+    def advance(self) -> None:
+        """Account for the simulated traffic since the last call, at the current state."""
+        now = self._clock()
+        elapsed, self._last = max(0.0, now - self._last), now
+        b = self._backend
+        if b.mode == "refuse":
+            return
+        n = SIMULATED_RPS * elapsed
+        failing = 1.0 if not b.healthy else b.error_ratio
+        self.failed += n * failing
+        self.ok += n * (1.0 - failing)
+        latency_s = b.latency_ms / 1000.0
+        for i, le in enumerate(LATENCY_BUCKETS_S):
+            if latency_s <= le:
+                self._buckets[i] += n
+        self._count += n
+        self._sum_s += n * latency_s
+
+    def collect(self) -> Iterator[Any]:
+        self.advance()
+        b = self._backend
+        requests = CounterMetricFamily("http_requests", "Requests answered, by status code", labels=["code"])
+        requests.add_metric(["200"], self.ok + (b.requests - b.errors))
+        requests.add_metric(["503"], self.failed + b.errors)
+        yield requests
+        cumulative = [(str(le), value) for le, value in zip(LATENCY_BUCKETS_S, self._buckets, strict=True)]
+        yield HistogramMetricFamily(
+            "http_request_duration_seconds",
+            "Request latency",
+            buckets=[*cumulative, ("+Inf", self._count)],
+            sum_value=self._sum_s,
+        )
+        yield GaugeMetricFamily(
+            "process_resident_memory_bytes", "Memory in use", value=b.utilization * MEMORY_LIMIT_BYTES
+        )
+        yield GaugeMetricFamily("process_memory_limit_bytes", "Memory limit", value=float(MEMORY_LIMIT_BYTES))
+
+    def exposition(self) -> bytes:
+        return generate_latest(self._registry)
+
+
 def parse_state(body: object) -> dict[str, Any]:
     """Validate an admin state body into `set_state` keyword arguments."""
     if not isinstance(body, dict):
@@ -333,7 +426,13 @@ def parse_state(body: object) -> dict[str, Any]:
         if not isinstance(body["healthy"], bool):
             raise ValueError(f"healthy must be true or false (got {body['healthy']!r})")
         out["healthy"] = body["healthy"]
-    for key, upper in (("latency_ms", MAX_LATENCY_MS), ("utilization", 10.0), ("flap_period_s", 3600.0)):
+    limits = (
+        ("latency_ms", MAX_LATENCY_MS),
+        ("utilization", 10.0),
+        ("error_ratio", 1.0),
+        ("flap_period_s", 3600.0),
+    )
+    for key, upper in limits:
         if key in body:
             value = body[key]
             if (

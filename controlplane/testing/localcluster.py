@@ -83,8 +83,27 @@ def _with_port(url: str, port: int) -> str:
     return f"{scheme}://{host}:{port}{slash}{path}"
 
 
-def _url_of(target: Any) -> str:
-    return str(target if isinstance(target, str) else target["url"])
+def _url_of(target: Any) -> str | None:
+    """A target's URL; None for a target that is not one (a prometheus probe)."""
+    if isinstance(target, str):
+        return target
+    url = target.get("url")
+    return None if url is None else str(url)
+
+
+def _hostport(url: str) -> str:
+    return url.partition("://")[2].partition("/")[0]
+
+
+def service_address(svc: Mapping[str, Any]) -> str:
+    """Where a service's backend listens: its `address`, else its first URL target's host:port."""
+    if svc.get("address"):
+        return str(svc["address"])
+    for t in svc["targets"]:
+        url = _url_of(t)
+        if url is not None:
+            return _hostport(url)
+    raise ValueError("a service needs an address or a target with a URL")
 
 
 def _config_ports(config: Mapping[str, Any]) -> set[int]:
@@ -92,8 +111,11 @@ def _config_ports(config: Mapping[str, Any]) -> set[int]:
     ports = {_split(a[key])[1] for a in config["cluster"]["agents"] for key in ("raft", "http")}
     for region in config["regions"].values():
         for svc in region["services"].values():
+            ports.add(_split(service_address(svc))[1])
             for t in svc["targets"]:
-                ports.add(_split(_url_of(t).partition("://")[2].partition("/")[0])[1])
+                url = _url_of(t)
+                if url is not None:
+                    ports.add(_split(_hostport(url))[1])
     return ports
 
 
@@ -122,13 +144,39 @@ def remap_ports(config: dict[str, Any]) -> dict[str, Any]:
             agent[key] = f"{host}:{new(port)}"
     for region in out["regions"].values():
         for svc in region["services"].values():
+            if svc.get("address"):
+                host, port = _split(svc["address"])
+                svc["address"] = f"{host}:{new(port)}"
             targets = []
             for t in svc["targets"]:
                 url = _url_of(t)
-                new_url = _with_port(url, new(_split(url.partition("://")[2].partition("/")[0])[1]))
+                if url is None:
+                    targets.append(t)
+                    continue
+                new_url = _with_port(url, new(_split(_hostport(url))[1]))
                 targets.append(new_url if isinstance(t, str) else {**t, "url": new_url})
             svc["targets"] = targets
     return out
+
+
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+
+
+def clock_offset_env(offset_s: float) -> dict[str, str]:
+    """Environment that runs an agent with its wall clock `offset_s` off (libfaketime).
+
+    A real clock fault, without a hook in the product: `time.time()` in that process is
+    shifted, its monotonic clock is not (as with an NTP misconfiguration). Needs Debian's
+    `faketime` package; fails, naming it, without.
+    """
+    if not LIBFAKETIME.exists():
+        raise RuntimeError(f"{LIBFAKETIME} is missing: install the Debian package faketime")
+    return {
+        "LD_PRELOAD": str(LIBFAKETIME),
+        "FAKETIME": f"{offset_s:+g}s",
+        "DONT_FAKE_MONOTONIC": "1",
+        "FAKETIME_DONT_RESET": "1",
+    }
 
 
 @dataclass
@@ -257,9 +305,7 @@ class LocalCluster(AgentsReader):
     async def start_backends(self) -> None:
         for region, rc in self.config["regions"].items():
             for service, sc in rc["services"].items():
-                t = sc["targets"][0]
-                url = t if isinstance(t, str) else t["url"]
-                host, port = _split(url.partition("://")[2].partition("/")[0])
+                host, port = _split(service_address(sc))
                 backend = SimBackend(region, service, host=host, port=port, admin_port=None)
                 await backend.start()
                 self.backends[(region, service)] = backend
@@ -280,7 +326,10 @@ class LocalCluster(AgentsReader):
                     targets = []
                     for t in svc["targets"]:
                         url = _url_of(t)
-                        host, port = _split(url.partition("://")[2].partition("/")[0])
+                        if url is None:
+                            targets.append(t)  # a prometheus probe does not reach the backend
+                            continue
+                        host, port = _split(_hostport(url))
                         # A fixed port, so that a proxy stopped to refuse can listen again.
                         taken = {*_config_ports(self.config), *(q.port for q in self._all_target_proxies())}
                         proxy = FaultProxy(host, free_port(host, exclude=taken), host, port)

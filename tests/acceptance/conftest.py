@@ -272,6 +272,17 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
                 await c.stop()
             if _failed(request.node):
                 print(f"\nagent logs of {c.workdir}:\n{agent_logs(c)}")
+        # A CRITICAL line in an agent's log is a bug report (a dead task, a consensus safety
+        # check): no test may pass with one, unless it provokes it on purpose.
+        if not _failed(request.node) and request.node.get_closest_marker("critical_expected") is None:
+            critical = [
+                f"{agent_id}: {line}"
+                for c in started
+                for agent_id in c.agents
+                for line in c.log_of(agent_id).splitlines()
+                if " CRITICAL " in line
+            ]
+            assert not critical, "CRITICAL in agent logs:\n" + "\n".join(critical[:20])
 
 
 _MEASUREMENTS: list[str] = []

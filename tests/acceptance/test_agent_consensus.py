@@ -128,7 +128,7 @@ async def test_leader_paused_past_election_timeout_never_splits_a_revision(
 ) -> None:
     c = await cluster()
     raft = c.config.get("backend", {}).get("raft", {})
-    pause_s = 4 * float(raft.get("election_timeout_max_s", 0.8)) + float(raft.get("leader_fallback_s", 1.5))
+    pause_s = 4 * float(raft.get("election_timeout_max_s", 0.8)) + 1.5
     old = await leader_of(c)
     term_before = (await cluster_view(c, old))["term"]
     others = [a for a in c.agents if a != old]
@@ -228,6 +228,10 @@ async def test_member_with_wrong_secret_cannot_join_or_change_anything(
     assert status == 200
     written = [o for o in body["observations"] if o["observer"] == outsider and o["at"] > stopped_at]
     assert not written, f"observations from the outsider got in: {written}"
+
+    # Refused on both sides, and said so on both sides (issue 12, item 9).
+    assert "rejected our cluster secret" in c.log_of(outsider)
+    assert any("failed authentication: wrong cluster secret" in c.log_of(a) for a in majority)
 
     assert await c.stop_agent(outsider) == 0
     c.start_agent(outsider)

@@ -167,7 +167,10 @@ BAD_FILE_PROBLEMS = (
 )
 
 
-SECRETS = {"CONTROLPLANE_CLUSTER_SECRET": "s3cret", "CONTROLPLANE_ADMIN_TOKEN": "t0ken"}
+SECRETS = {
+    "CONTROLPLANE_CLUSTER_SECRET": "s3cret-long-enough-for-a-cluster",
+    "CONTROLPLANE_ADMIN_TOKEN": "t0ken-long-enough-for-an-admin",
+}
 
 
 @pytest.mark.parametrize(
@@ -186,6 +189,16 @@ SECRETS = {"CONTROLPLANE_CLUSTER_SECRET": "s3cret", "CONTROLPLANE_ADMIN_TOKEN": 
                 "cluster.secret.env: environment variable CONTROLPLANE_CLUSTER_SECRET is not set",
             ),
             id="secrets-unset",
+        ),
+        pytest.param(
+            "secrets-weak",
+            "agent-east-1",
+            {"CONTROLPLANE_CLUSTER_SECRET": "x", "CONTROLPLANE_ADMIN_TOKEN": "CHANGE-ME-admin-token"},
+            (
+                "auth.admin_token.env: is a placeholder from an example",
+                "cluster.secret.env: must be at least 16 bytes (got 1 bytes)",
+            ),
+            id="secrets-weak",
         ),
     ],
 )

@@ -88,7 +88,7 @@ async def test_sse_watcher_sees_every_revision_in_order(cluster: InProcessCluste
             async for raw in r.content:
                 line = raw.decode().strip()
                 if line.startswith("id: "):
-                    seen.append(int(line[4:]))
+                    seen.append(int(line[4:].rpartition(".")[2]))  # epoch.revision
                     if seen[-1] >= stop_at:
                         return
 
@@ -329,6 +329,16 @@ async def test_delete_answers_with_the_revision_without_the_intent(
     assert removed["revision"] > body["revision"]
     d = await cluster.decision(agents[2])
     assert d is not None and d["frozen"] is False
+
+    # The answer was lost and the operator retries, on another agent: same answer.
+    async with cluster.session.delete(
+        f"{cluster.agents[agents[0]].url}/v1/intents/{body['id']}?reason=done",
+        headers={"Authorization": f"Bearer {cluster.admin_token}"},
+    ) as r:
+        again = await r.json()
+        assert r.status == 200, again
+    assert again["removed"] == removed["removed"]
+    assert again["revision"] >= removed["revision"]
 
 
 async def test_plan_reports_what_would_be_refused(cluster: InProcessCluster, agents: list[str]) -> None:

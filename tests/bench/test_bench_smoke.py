@@ -183,3 +183,33 @@ def test_soak(tmp_path: Path) -> None:
         assert len(data["samples"][agent]) >= 6
     assert data["counters"]["connects"] > 0 and data["counters"]["intents"] > 0
     assert data["limitations"]
+
+
+def test_blackhole(tmp_path: Path) -> None:
+    data = run_bench("blackhole", tmp_path, "--trials", "2", timeout_s=240)
+    assert set(data["summary"]["all"]) >= PERCENTILES
+    assert len(data["trials"]) == 2
+    assert all(t["client_all"] > 0 and "victim_was_leader" in t for t in data["trials"])
+    assert data["target_s"] == pytest.approx(data["detection_window_s"] + 1.0)
+
+
+def test_raft_engine(tmp_path: Path) -> None:
+    data = run_bench("raft_engine", tmp_path, "--commits", "20", "--throughput-n", "60", "--trials", "1")
+    assert set(data["commits"]["latency_leader_ms"]) >= {"n", "p50", "p99"}
+    assert data["commits"]["throughput"]
+    assert set(data["reelection"]) == {"defaults_0.4_0.8", "pysyncobj_like_0.3_0.6"}
+
+
+def test_flags(tmp_path: Path) -> None:
+    data = run_bench("flags", tmp_path, "--rounds", "2", "--checks", "1000")
+    assert set(data["propagation_ms"]) == {
+        "commit_s",
+        "ofrep-single",
+        "ofrep-bulk",
+        "flags-client",
+        "provider",
+    }
+    for reader, p in data["propagation_ms"].items():
+        assert set(p) >= PERCENTILES and p["n"] == 2, reader
+    assert len(data["rounds"]) == 2
+    assert data["shedder_check_us"] > 0

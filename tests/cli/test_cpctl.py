@@ -154,12 +154,17 @@ def _without(body: dict[str, Any], *keys: str) -> dict[str, Any]:
 
 def _status_api(live: Live) -> Any:
     agent = live.ids[0]
-    return {"cluster": live.get(agent, "/v1/cluster"), "decision": live.decision(agent)}
+    members = {a: live.get(a, "/v1/cluster") for a in live.ids}
+    return {"cluster": live.get(agent, "/v1/cluster"), "decision": live.decision(agent), "members": members}
+
+
+VOLATILE = ("commit_index", "stale_s", "cluster_time", "clock_skew_s")
 
 
 def _status_norm(body: Any) -> Any:
-    # The commit index moves with every observation refresh; the decision does not.
-    return {"cluster": _without(body["cluster"], "commit_index", "stale_s"), "decision": body["decision"]}
+    # The commit index and the clocks move all the time; the decision and the members do not.
+    members = {m: _without(v, *VOLATILE) if isinstance(v, dict) else v for m, v in body["members"].items()}
+    return {"cluster": _without(body["cluster"], *VOLATILE), "decision": body["decision"], "members": members}
 
 
 def _weights_api(live: Live) -> Any:

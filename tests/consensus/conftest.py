@@ -4,7 +4,7 @@
 ports, one temporary data dir per member), waits until they agree on a leader, and hands
 back a `Cluster` that can stop, start and restart members on the same addresses and data.
 Every member the factory started is closed at the end of the test, pass or fail, and a
-test that leaves a pysyncobj thread behind fails.
+test that leaves a Raft engine thread behind fails.
 
 A backend is a `Backend`: something that turns (cluster, member id) into an unstarted
 `ControlStore`. The `backend` fixture is parametrised by name (`BACKENDS`). The etcd
@@ -33,7 +33,7 @@ from controlplane.consensus import ControlStore, EtcdStore, MemoryGroup, MemoryS
 from controlplane.state import ControlState, StoreStatus
 from controlplane.testing.etcdlocal import LocalEtcd
 
-SECRET = "test-cluster-secret"
+SECRET = "test-cluster-secret-of-16-bytes-at-least"
 LEADER_TIMEOUT_S = 10.0
 
 T = TypeVar("T")
@@ -225,12 +225,12 @@ ClusterFactory = Callable[..., Awaitable[Cluster]]
 
 
 def _raft_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if "_autoTickThread" in t.name]
+    return [t for t in threading.enumerate() if t.name.startswith("raft-")]
 
 
 @pytest.fixture(autouse=True)
 def no_leaked_raft_threads() -> Iterator[None]:
-    """Fail a test that leaves a pysyncobj thread running (set up first, checked last)."""
+    """Fail a test that leaves a Raft engine thread running (set up first, checked last)."""
     before = set(_raft_threads())
     yield
     deadline = time.monotonic() + 2.0
@@ -269,6 +269,13 @@ async def cluster_factory(backend: Backend, tmp_path: pathlib.Path) -> AsyncIter
         if start:
             await cluster.start_all()
             await cluster.wait_for_leader()
+            # The cluster's state exists once it has its epoch (created by the first leader),
+            # and its clock once every member has heard the leader's.
+            await cluster.converged(lambda s: bool(s.epoch), what="the cluster state's epoch")
+            await eventually(
+                lambda: all(s.cluster_time() is not None for s in cluster.stores.values()),
+                what="the cluster's clock on every member",
+            )
         return cluster
 
     try:

@@ -20,8 +20,18 @@ from controlplane.state import HISTORY_LIMIT, ControlState, StoreStatus
 from .conftest import ClusterFactory, eventually
 
 
-def make_decision(revision: int, status: StoreStatus, *, east_weight: int = 50) -> Decision:
-    """A decision stamped by the member whose `status` is given, in its current term."""
+def make_decision(
+    revision: int, member: StoreStatus | ControlStore, *, east_weight: int = 50, epoch: str | None = None
+) -> Decision:
+    """A decision stamped by `member` (a store, or a status seen earlier), in its term and epoch.
+
+    Given a store, the decision carries the epoch of the store's state; given a status,
+    `epoch` (none when not given).
+    """
+    if isinstance(member, ControlStore):
+        status, epoch = member.status(), member.state().epoch if epoch is None else epoch
+    else:
+        status = member
     return Decision(
         revision=revision,
         services={
@@ -35,6 +45,7 @@ def make_decision(revision: int, status: StoreStatus, *, east_weight: int = 50) 
         term=status.term,
         leader=status.member_id,
         committed_at=time.time(),
+        epoch=epoch or "",
     )
 
 
@@ -66,7 +77,7 @@ async def test_decision_committed_on_leader_is_visible_on_every_member(
     cluster = await cluster_factory(3)
     leader_id, leader = cluster.leader()
 
-    decision = make_decision(1, leader.status())
+    decision = make_decision(1, leader)
     committed = await leader.commit_decision(decision)
 
     assert committed == decision
@@ -93,15 +104,15 @@ async def test_commit_with_wrong_revision_conflicts_and_changes_nothing(
     cluster = await cluster_factory(3)
     _, leader = cluster.leader()
     with pytest.raises(Conflict):
-        await leader.commit_decision(make_decision(0, leader.status()))
-    first = make_decision(1, leader.status())
+        await leader.commit_decision(make_decision(0, leader))
+    first = make_decision(1, leader)
     await leader.commit_decision(first)
     await cluster.converged(lambda s: s.decision == first)
     before = {m: seen(s) for m, s in cluster.stores.items()}
 
     for revision in (1, 3, 7):
         with pytest.raises(Conflict):
-            await leader.commit_decision(make_decision(revision, leader.status(), east_weight=10))
+            await leader.commit_decision(make_decision(revision, leader, east_weight=10))
 
     await asyncio.sleep(0.2)  # a wrongly applied write would have reached the followers by now
     assert {m: seen(s) for m, s in cluster.stores.items()} == before
@@ -117,10 +128,10 @@ async def test_commit_on_a_follower_or_in_another_term_is_not_the_leaders(
     before = {m: seen(s) for m, s in cluster.stores.items()}
 
     with pytest.raises(NotLeader) as from_follower:
-        await follower.commit_decision(make_decision(1, follower.status()))
+        await follower.commit_decision(make_decision(1, follower))
     assert from_follower.value.leader == leader_id
 
-    current = make_decision(1, leader.status())
+    current = make_decision(1, leader)
     stale = dataclasses.replace(current, term=current.term - 1)
     with pytest.raises(NotLeader):
         await leader.commit_decision(stale)
@@ -180,11 +191,20 @@ async def test_delete_intent_removes_it_everywhere(cluster_factory: ClusterFacto
     assert (last.kind, last.intent_id, last.who) == ("intent-removed", "comments-off", "carol")
     assert follower.state().intent_seq > submitted.seq  # the next decision can say it saw the removal
 
+    # A retried removal (its answer was lost) is answered as the first was, changing nothing.
     before = {m: seen(s) for m, s in cluster.stores.items()}
-    with pytest.raises(NotFound):
-        await leader.delete_intent("comments-off", who="carol", reason="again")
+    assert await leader.delete_intent("comments-off", who="carol", reason="again") == submitted
     await asyncio.sleep(0.1)
     assert {m: seen(s) for m, s in cluster.stores.items()} == before
+
+    # An intent that never stood, or was replaced rather than removed, is not found.
+    with pytest.raises(NotFound):
+        await leader.delete_intent("never-was", who="carol", reason="typo")
+    replaced = await leader.submit_intent(drain("drain-south-2", region="cn-south"))
+    await cluster.converged(lambda s: "drain-south-2" in s.intents)
+    assert replaced.id != kept.id
+    with pytest.raises(NotFound):
+        await leader.delete_intent("drain-south", who="carol", reason="replaced")
 
 
 async def test_observations_are_replaced_per_observer(cluster_factory: ClusterFactory) -> None:
@@ -200,11 +220,20 @@ async def test_observations_are_replaced_per_observer(cluster_factory: ClusterFa
     await m0.publish_observations("m0", [obs("m0", "cn-east", False, 3.0)])
 
     expected = {
-        ("m0", "cn-east", "order"): obs("m0", "cn-east", False, 3.0),
-        ("m0", "cn-south", "order"): obs("m0", "cn-south", True, 1.0),
-        ("m1", "cn-east", "order"): obs("m1", "cn-east", False, 2.0),
+        ("m0", "cn-east", "order"): obs("m0", "cn-east", False, 0.0),
+        ("m0", "cn-south", "order"): obs("m0", "cn-south", True, 0.0),
+        ("m1", "cn-east", "order"): obs("m1", "cn-east", False, 0.0),
     }
-    await cluster.converged(lambda s: dict(s.observations) == expected, what="observations")
+
+    def timeless(s: ControlState) -> dict[object, Observation]:
+        return {k: dataclasses.replace(o, at=0.0) for k, o in s.observations.items()}
+
+    await cluster.converged(lambda s: timeless(s) == expected, what="observations")
+    # Stamped by the store with the cluster's clock, whatever the observer put in `at`.
+    now = m0.cluster_time()
+    assert now is not None
+    for o in m0.state().observations.values():
+        assert now - 10 < o.at <= now + 1
 
 
 async def test_history_is_bounded_and_newest_last(cluster_factory: ClusterFactory) -> None:
@@ -213,7 +242,7 @@ async def test_history_is_bounded_and_newest_last(cluster_factory: ClusterFactor
     last = HISTORY_LIMIT + 5
 
     for revision in range(1, last + 1):
-        await leader.commit_decision(make_decision(revision, leader.status()))
+        await leader.commit_decision(make_decision(revision, leader))
 
     def full(s: ControlState) -> bool:
         return bool(s.history) and s.history[-1].revision == last
@@ -242,7 +271,7 @@ async def test_wait_for_change_wakes_on_change_and_times_out_otherwise(
     waiting = asyncio.create_task(watcher.wait_for_change(version, 10.0))
     await asyncio.sleep(0.1)
     assert not waiting.done()
-    decision = make_decision(1, leader.status())
+    decision = make_decision(1, leader)
     started = loop.time()
     await leader.commit_decision(decision)
     changed = await asyncio.wait_for(waiting, 5.0)
@@ -260,7 +289,7 @@ async def test_a_new_leader_takes_over_when_the_leader_stops(cluster_factory: Cl
     cluster = await cluster_factory(3)
     old_id, old = cluster.leader()
     old_status = old.status()
-    first = make_decision(1, old_status)
+    first = make_decision(1, old)
     await old.commit_decision(first)
     await cluster.converged(lambda s: s.decision == first)
 
@@ -272,7 +301,7 @@ async def test_a_new_leader_takes_over_when_the_leader_stops(cluster_factory: Cl
     assert new.status().term > old_status.term
     with pytest.raises(NotLeader):  # stamped in the old leader's term
         await new.commit_decision(make_decision(2, old_status))
-    second = make_decision(2, new.status(), east_weight=0)
+    second = make_decision(2, new, east_weight=0)
     assert await new.commit_decision(second) == second
     await cluster.converged(lambda s: s.decision == second)
 
@@ -287,7 +316,7 @@ async def test_a_full_restart_recovers_decision_and_intents_from_disk(
 ) -> None:
     cluster = await cluster_factory(3)
     _, leader = cluster.leader()
-    first = make_decision(1, leader.status())
+    first = make_decision(1, leader)
     await leader.commit_decision(first)
     drained = await cluster.followers()[0].submit_intent(drain("drain-north", region="cn-north"))
     await leader.publish_observations(
@@ -307,6 +336,26 @@ async def test_a_full_restart_recovers_decision_and_intents_from_disk(
     new_id = await cluster.wait_for_leader()
     new = cluster.store(new_id)
     assert new.state().intents["drain-north"] == drained
-    second = make_decision(2, new.status())
+    second = make_decision(2, new)
     await new.commit_decision(second)
     await cluster.converged(lambda s: s.decision == second)
+
+
+async def test_the_state_has_one_epoch_everywhere_kept_across_restarts(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = await cluster_factory(3)
+    await cluster.converged(lambda s: bool(s.epoch), what="an epoch")
+    epochs = {s.state().epoch for s in cluster.stores.values()}
+    assert len(epochs) == 1
+    (epoch,) = epochs
+    assert any(e.kind == "epoch" for e in cluster.store(cluster.leader()[0]).state().history)
+
+    _, leader = cluster.leader()
+    with pytest.raises(Conflict):  # a decision of another cluster state is refused
+        await leader.commit_decision(make_decision(1, leader, epoch="someothercluster"))
+
+    await cluster.stop_all()
+    await cluster.start_all()
+    await cluster.wait_for_leader()
+    await cluster.converged(lambda s: s.epoch == epoch, what="the same epoch after a full restart")

@@ -143,7 +143,7 @@ async def test_keys_live_where_the_layout_says_with_leases_where_they_expire(
     cluster = await cluster_factory(3)
     leader_id, leader = cluster.leader()
     follower = cluster.followers()[0]
-    await leader.commit_decision(make_decision(1, leader.status()))
+    await leader.commit_decision(make_decision(1, leader))
     await follower.submit_intent(drain("maint/1"))
     await leader.publish_observations(leader_id, [obs(leader_id)])
 
@@ -160,8 +160,13 @@ async def test_keys_live_where_the_layout_says_with_leases_where_they_expire(
         p + b"/history/d/%020d" % 1,
         p + b"/history/i/%020d" % 1,
         p + b"/observations/" + leader_id.encode(),
+        p + b"/epoch",
+        p + b"/history/e/epoch",
+        p + b"/clock",
     }
     assert set(keys) == expected
+    assert keys[p + b"/epoch"].value == leader.state().epoch.encode()
+    assert keys[p + b"/clock"].lease == 0  # the cluster's clock outlives every member
     member_lease = keys[p + b"/members/" + leader_id.encode()].lease
     assert member_lease != 0
     assert keys[p + b"/leader"].lease == member_lease
@@ -175,7 +180,7 @@ async def test_a_deposed_leaders_late_commit_is_refused_by_etcd(cluster_factory:
     cluster = await cluster_factory(3)
     old_id, old = cluster.leader()
     old_status = old.status()
-    first = make_decision(1, old_status)
+    first = make_decision(1, old)
     await old.commit_decision(first)
     await cluster.converged(lambda s: s.decision == first)
 
@@ -198,7 +203,7 @@ async def test_a_deposed_leaders_late_commit_is_refused_by_etcd(cluster_factory:
     await asyncio.sleep(0.2)
     assert {m: seen(s) for m, s in cluster.stores.items()} == before
     assert frozen.state().decision == first  # it keeps serving what was committed
-    second = make_decision(2, new.status(), east_weight=30)
+    second = make_decision(2, new, east_weight=30)
     assert await new.commit_decision(second) == second
     await cluster.converged(lambda s: s.decision == second)
 
@@ -271,7 +276,7 @@ async def test_concurrent_intents_from_every_member_each_get_one_sequence_number
 
     assert sorted(i.seq for i in committed) == list(range(1, 13))
     await cluster.converged(lambda s: len(s.intents) == 12 and s.intent_seq == 12)
-    history = stores[0].state().history
+    history = [h for h in stores[0].state().history if h.kind == "intent"]
     assert [h.intent_id for h in history] == [i.id for i in sorted(committed, key=lambda i: i.seq)]
 
 
@@ -280,9 +285,8 @@ async def test_two_commits_of_one_revision_at_once_one_wins_one_conflicts(
 ) -> None:
     cluster = await cluster_factory(3)
     _, leader = cluster.leader()
-    status = leader.status()
-    one = make_decision(1, status, east_weight=10)
-    other = make_decision(1, status, east_weight=90)
+    one = make_decision(1, leader, east_weight=10)
+    other = make_decision(1, leader, east_weight=90)
 
     results = await asyncio.gather(
         leader.commit_decision(one), leader.commit_decision(other), return_exceptions=True
@@ -312,7 +316,7 @@ async def test_etcd_paused_beyond_the_lease_ttl_then_resumed(
 ) -> None:
     cluster = await cluster_factory(3)
     _, leader = cluster.leader()
-    first = make_decision(1, leader.status())
+    first = make_decision(1, leader)
     await leader.commit_decision(first)
     await cluster.store("m1").submit_intent(drain("d1"))
     await cluster.converged(lambda s: s.decision == first and "d1" in s.intents)
@@ -331,7 +335,7 @@ async def test_etcd_paused_beyond_the_lease_ttl_then_resumed(
                 assert not store.status().is_leader
             # Writes fail within their timeout (they may still apply when etcd wakes up).
             with pytest.raises(NoQuorum):
-                await leader.commit_decision(make_decision(2, leader.status(), east_weight=10))
+                await leader.commit_decision(make_decision(2, leader, east_weight=10))
             with pytest.raises(NoQuorum):
                 await cluster.store("m2").submit_intent(drain("d2", region="cn-south"))
             await asyncio.sleep(FAULT_LEASE_TTL_S + 1.0)
@@ -347,7 +351,7 @@ async def test_etcd_paused_beyond_the_lease_ttl_then_resumed(
             while True:
                 current = new.state().decision
                 assert current is not None
-                decision = make_decision(current.revision + 1, new.status(), east_weight=30)
+                decision = make_decision(current.revision + 1, new, east_weight=30)
                 try:
                     return await new.commit_decision(decision)
                 except Conflict:  # the write made during the pause landed after all
@@ -366,7 +370,7 @@ async def test_etcd_restarted_watches_resume_and_state_converges(
 ) -> None:
     cluster = await cluster_factory(3)
     _, leader = cluster.leader()
-    first = make_decision(1, leader.status())
+    first = make_decision(1, leader)
     await leader.commit_decision(first)
     await cluster.converged(lambda s: s.decision == first)
 
@@ -381,7 +385,7 @@ async def test_etcd_restarted_watches_resume_and_state_converges(
 
     new_id = await cluster.wait_for_leader(timeout_s=FAILOVER_WAIT_S)
     new = cluster.store(new_id)
-    second = make_decision(2, new.status(), east_weight=20)
+    second = make_decision(2, new, east_weight=20)
     assert await retrying(lambda: new.commit_decision(second)) == second
     # Written by a follower after the restart: every member must see it through its watch.
     writer = next(s for m, s in cluster.stores.items() if m != new_id)
@@ -517,7 +521,7 @@ async def test_tls_with_a_client_certificate(tmp_path: pathlib.Path) -> None:
         await store.start()
         try:
             await eventually(lambda: store.status().is_leader, timeout_s=FAILOVER_WAIT_S, what="m0 to lead")
-            decision = make_decision(1, store.status())
+            decision = make_decision(1, store)
             assert await store.commit_decision(decision) == decision
             assert store.state().decision == decision
         finally:
@@ -542,7 +546,7 @@ async def test_an_endpoint_that_refuses_connections_is_passed_over(etcd_server: 
     await store.start()
     try:
         await eventually(lambda: store.status().is_leader, timeout_s=FAILOVER_WAIT_S, what="m0 to lead")
-        decision = make_decision(1, store.status())
+        decision = make_decision(1, store)
         assert await store.commit_decision(decision) == decision
     finally:
         await store.close()

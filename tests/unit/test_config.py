@@ -149,11 +149,11 @@ def test_weights_must_be_set_everywhere_or_nowhere(tmp_path: Path) -> None:
 
 
 def test_secret_comes_from_env_or_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CP_TEST_SECRET", "s3cret")
-    assert SecretRef(env="CP_TEST_SECRET").resolve("cluster.secret") == "s3cret"
+    monkeypatch.setenv("CP_TEST_SECRET", "s3cret-of-20-bytes!")
+    assert SecretRef(env="CP_TEST_SECRET").resolve("cluster.secret") == "s3cret-of-20-bytes!"
     f = tmp_path / "secret"
-    f.write_text("from-file\n")
-    assert SecretRef(file=f).resolve("cluster.secret") == "from-file"
+    f.write_text("from-file-at-least-16\n")
+    assert SecretRef(file=f).resolve("cluster.secret") == "from-file-at-least-16"
     monkeypatch.delenv("CP_TEST_SECRET")
     with pytest.raises(ConfigError) as e:
         SecretRef(env="CP_TEST_SECRET").resolve("cluster.secret")
@@ -247,3 +247,33 @@ def test_detection_slower_than_the_failover_budget_is_refused(tmp_path: Path) ->
         "probes.interval_s: a failure takes fall 10 x interval_s 2.9 + timeout_s 0.8 + 1 s to commit "
         "= 30.8 s to act on, more than policy.failover_budget_s 30 (got 2.9)"
     ]
+
+
+@pytest.mark.parametrize(
+    ("value", "why"),
+    [
+        ("x", "at least 16 bytes"),
+        ("CHANGE-ME-cluster-secret", "placeholder"),
+        ("please-changeme-now-123", "placeholder"),
+    ],
+)
+def test_weak_secrets_are_refused_with_their_field_and_never_shown(
+    value: str, why: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CP_TEST_SECRET", value)
+    with pytest.raises(ConfigError) as refused:
+        SecretRef(env="CP_TEST_SECRET").resolve("cluster.secret")
+    (problem,) = refused.value.problems
+    assert problem.startswith("cluster.secret.env: ") and why in problem
+    assert value not in problem
+
+
+def test_a_strong_secret_from_a_file_is_read_and_a_binary_file_refused(tmp_path: Path) -> None:
+    good = tmp_path / "secret"
+    good.write_text("3f9c1d0e8b7a6f5e4d3c2b1a\n")
+    assert SecretRef(file=good).resolve("auth.admin_token") == "3f9c1d0e8b7a6f5e4d3c2b1a"
+    binary = tmp_path / "binary"
+    binary.write_bytes(b"\xff\xfe\x00" * 10)
+    with pytest.raises(ConfigError) as refused:
+        SecretRef(file=binary).resolve("auth.admin_token")
+    assert refused.value.problems == [f"auth.admin_token.file: not UTF-8 text ({binary})"]

@@ -83,3 +83,13 @@ def test_panic_memory_and_impaired_flag_survive_json_and_pickle() -> None:
     old = decision_to_json(DECISION)
     del old["panic_regions"], old["panic_since"]
     assert decision_from_json(old).panic_regions == {}
+
+
+def test_an_inconclusive_observation_survives_json_and_pickle() -> None:
+    o = Observation("a", "r", "s", up=True, at=1.0, inconclusive="prometheus unreachable: inconclusive")
+    assert observation_from_json(observation_to_json(o)) == o
+    assert pickle.loads(pickle.dumps(o)) == o
+    # What an older release wrote has no such field: a conclusive observation.
+    old = observation_to_json(o)
+    del old["inconclusive"]
+    assert observation_from_json(old).inconclusive is None

@@ -167,7 +167,7 @@ def test_target_validation_names_every_problem() -> None:
     assert "rise must be >= 1" in str(info.value)
     with pytest.raises(ValueError, match="tcp probe needs host and port"):
         ProbeTarget(region="r", service="s", kind="tcp", host="h")
-    with pytest.raises(ValueError, match="kind must be http or tcp"):
+    with pytest.raises(ValueError, match="kind must be http, tcp or prometheus"):
         ProbeTarget(region="r", service="s", kind="udp", host="h", port=1)  # type: ignore[arg-type]
 
 
@@ -439,7 +439,7 @@ async def test_on_change_is_called_exactly_on_transitions(service: FakeService) 
         "agent-east-1",
         [target],
         on_change=recorder,
-        on_result=lambda t, ok, duration_s, error: results.append((t.address, ok, error)),
+        on_result=lambda t, result: results.append((t.address, result.ok, result.error)),
         wall_clock=lambda: 1000.0,
     )
     try:
