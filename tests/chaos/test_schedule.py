@@ -11,7 +11,7 @@ import pytest
 
 from controlplane.testing.chaos.history import Fault
 from controlplane.testing.chaos.runner import Options, cluster_config, faketime_env, shape_of
-from controlplane.testing.chaos.schedule import LEADER, Shape, generate, partition_groups
+from controlplane.testing.chaos.schedule import LEADER, Shape, coverage, generate, partition_groups
 from controlplane.testing.chaos.timeline import Timeline
 
 SHAPE = Shape(
@@ -106,7 +106,7 @@ def test_the_chaos_config_has_five_agents_and_tcp_aware_shape() -> None:
 @pytest.mark.parametrize("offset_s", [30.0, -30.0])
 def test_libfaketime_moves_wall_time_and_keeps_intervals(offset_s: float) -> None:
     """What the clock step relies on: under `faketime_env` a Python process's wall clock is
-    off by the offset, while sleeping (in a thread too, as pysyncobj does) works and an
+    off by the offset, while sleeping (in a thread too, as the engine does) works and an
     interval on the monotonic clock is still the real one."""
     code = (
         "import threading, time\n"
@@ -120,3 +120,15 @@ def test_libfaketime_moves_wall_time_and_keeps_intervals(offset_s: float) -> Non
     wall, slept = (float(x) for x in out.stdout.split())
     assert before + offset_s - 1 < wall < after + offset_s + 1
     assert 0.29 < slept < 1.0
+
+
+def test_the_short_run_of_make_test_plays_every_kind_of_fault() -> None:
+    """The three seeds of `test_chaos_short.py` together cover what 40 seeds cover."""
+    from tests.chaos.test_chaos_short import SHORT_DURATION_S, SHORT_SEEDS
+
+    config = cluster_config(3, "raft")
+    shape = shape_of(config, Options(duration_s=SHORT_DURATION_S))
+    everything = set().union(*(coverage(generate(seed, shape)) for seed in range(1, 40)))
+    short = set().union(*(coverage(generate(seed, shape)) for seed in SHORT_SEEDS))
+    assert {"partition:bridge", "pause:leader", "kill:leader", "clock:leader", "full_stop"} <= everything
+    assert short == everything, f"the short run misses {sorted(everything - short)}"

@@ -9,8 +9,8 @@ cluster converges. Every process, proxy and port is released in `finally`, whate
 happened. Nothing here judges: the checker reads the history afterwards.
 
 Backend-agnostic: the agents are only driven through signals, their HTTP API and the
-network between them, so the same runner judges pysyncobj, the project's own engine
-or etcd.
+network between them, so the same runner judges the embedded engine
+(`controlplane/raft/`) and etcd alike.
 """
 
 from __future__ import annotations
@@ -47,11 +47,12 @@ FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 def faketime_env(offset_s: float) -> dict[str, str]:
     """Environment that runs a process with its wall clock `offset_s` off.
 
-    Not `DONT_FAKE_MONOTONIC=1`: with Debian's libfaketime 0.9.10 it makes every
-    `time.sleep` fail with EINVAL (clock_nanosleep with an absolute monotonic deadline),
-    which killed pysyncobj's tick thread and left the agent unable to join. Without it the
-    monotonic clock gets a constant offset too: its epoch is arbitrary and every interval
-    measured on it is unchanged (tests/chaos/test_schedule.py checks both).
+    Not `DONT_FAKE_MONOTONIC=1` (which `localcluster.clock_offset_env` sets): with
+    Debian's libfaketime 0.9.10 it makes every `time.sleep` fail with EINVAL
+    (clock_nanosleep with an absolute monotonic deadline), and the engine's graceful stop
+    sleeps while it hands leadership over; the harness would then be judging libfaketime.
+    Without it the monotonic clock gets a constant offset too: its epoch is arbitrary and
+    every interval measured on it is unchanged (tests/chaos/test_schedule.py checks both).
     """
     return {"LD_PRELOAD": FAKETIME_LIB, "FAKETIME": f"{offset_s:+g}s"}
 

@@ -132,6 +132,36 @@ class Schedule:
         return {"seed": self.seed, "shape": self.shape.to_json(), "steps": [s.to_json() for s in self.steps]}
 
 
+def coverage(schedule: Schedule) -> set[str]:
+    """The kinds of fault a schedule plays, finely: `partition:bridge`, `pause:leader`,
+    `backend:flap`, `intent:failover`, `retry`... Pure; used to choose short runs that
+    cover the whole mix."""
+    out: set[str] = set()
+    for step in schedule.steps:
+        action, args = step.action, step.args
+        if action == "partition":
+            out |= {action, f"partition:{args['kind']}", f"partition_mode:{args['mode']}"}
+        elif action in ("kill", "pause", "clock"):
+            out.add(action)
+            if args.get("target") == LEADER:
+                out.add(f"{action}:leader")
+            if action == "kill":
+                out.add(f"kill:{args['signal']}")
+        elif action == "backend":
+            out |= {action, f"backend:{args['mode']}"}
+            if len(args["regions"]) > 1:
+                out.add("backend:all_regions")
+        elif action == "intent":
+            out |= {action, f"intent:{args['body']['kind']}"}
+            if args.get("retry"):
+                out.add("intent:retry")
+            if args.get("id"):
+                out.add("intent:client_id")
+        elif action in ("delete_intent", "full_stop"):
+            out.add(action)
+    return out
+
+
 # -- generation -----------------------------------------------------------------------
 
 
