@@ -387,6 +387,19 @@ def test_write_availability_not_judged_across_a_change_in_flight() -> None:
     assert "write_availability" not in kinds_of(b.h)
 
 
+def test_write_availability_not_judged_right_after_the_agent_started() -> None:
+    """Like reads: an agent restarted 5 s ago may not listen yet (etcd, seed 11)."""
+    b = clean()
+    b.fault(F0 + 15, 8, "kill", episode=4, stopped=["a1"])
+    b.fault(F0 + 15.1, 9, "restart", episode=4, started=["a1"])
+    b.write("a1", F0 + 20.1, 0, {"error": "ClientConnectorError"})
+    assert "write_availability" not in kinds_of(b.h)
+    # Past the grace, the same failure is judged.
+    b.write("a1", F0 + 23.2, 0, {"error": "ClientConnectorError"})
+    found = [v for v in check(b.h)["violations"] if v["kind"] == "write_availability"]
+    assert [(v["agent"], v["at"] > 8.0) for v in found] == [("a1", True)]
+
+
 def test_crash_an_agent_that_exits_by_itself() -> None:
     b = clean()
     b.fault(F0 + 20, -1, "crashed", episode=0, agent="a2", stopped=["a2"], exit_code=1)

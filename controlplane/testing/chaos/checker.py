@@ -522,6 +522,10 @@ def _write_availability(c: _Check) -> None:
         agents = c.h["agents"]
         if not all(w["agent"] in world.majority(agents) for world in worlds):
             continue
+        # An agent just started may not listen yet: the same grace as for its reads
+        # (found on etcd, seed 11: an agent restarted 5.0 s earlier, not answering yet).
+        if w["sent"] < c.timeline.at(w["sent"]).started_at.get(w["agent"], 0.0) + p["read_grace_s"]:
+            continue
         # A change while the write was in flight may depose the leader that had it
         # (the answer then says "retry"): judged only when nothing changed.
         if any(world.topology_at > since for world in worlds):
