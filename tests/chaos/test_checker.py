@@ -24,6 +24,7 @@ from controlplane.testing.chaos.history import (
     dumps,
     loads,
 )
+from controlplane.testing.chaos.runner import at_rest
 
 AGENTS = ["a1", "a2", "a3"]
 REGIONS = ["east", "south", "north"]
@@ -330,6 +331,23 @@ def test_convergence_weights_not_back_to_base() -> None:
     b.finals(["i1", "i2"])
     found = [v for v in check(b.h)["violations"] if v["kind"] == "convergence"]
     assert found and "base" in found[0]["detail"]
+
+
+def test_the_baseline_is_a_decision_at_rest() -> None:
+    """Convergence is judged against the baseline, so the runner takes it only from a
+    decision at rest: 5 agents, seed 37 took it mid-recovery (a held region at weight 0,
+    then ramping) and reported the real base weights as not converged."""
+    assert at_rest(decision(4))
+    held = decision(5, {"east": 0, "south": 0, "north": 100}, states={"east": "down", "south": "down"})
+    assert not at_rest(held)
+    ramping = decision(6, {"east": 21, "south": 18, "north": 61})
+    ramping["services"]["order"]["east"]["ramp"] = 0.25
+    assert not at_rest(ramping)
+    assert not at_rest(decision(4, panic=True))
+    assert not at_rest({**decision(4), "shed_fraction": 0.39})
+    assert not at_rest({**decision(4), "features": {"comments": False}})
+    assert not at_rest({**decision(4), "stale": True})
+    assert not at_rest(None)
 
 
 def test_intent_not_carried_by_a_later_revision() -> None:

@@ -135,6 +135,26 @@ def params_of(config: Mapping[str, Any]) -> Params:
     )
 
 
+def at_rest(decision: Mapping[str, Any] | None) -> bool:
+    """A decision that can serve as the baseline: fresh, every pair healthy at full ramp,
+    no panic, freeze, shedding or feature off.
+
+    A settled revision is not enough: on a loaded machine the first probes may time out,
+    and a revision that holds still for a while can be one of a recovery's hold or ramp
+    (5 agents, seed 37: the baseline was taken mid-recovery, so convergence to the real
+    base weights was reported as a violation).
+    """
+    if not decision or decision.get("stale") or decision.get("panic") or decision.get("frozen"):
+        return False
+    if decision.get("shed_fraction") or not all(decision.get("features", {}).values()):
+        return False
+    return all(
+        pair.get("state") == "healthy" and pair.get("ramp", 1.0) == 1.0
+        for regions in decision.get("services", {}).values()
+        for pair in regions.values()
+    )
+
+
 def probe_kinds(config: Mapping[str, Any]) -> dict[str, str]:
     """`region/service` -> "tcp" or "http": what a backend fault looks like to the probes."""
     out = {}
@@ -566,6 +586,12 @@ async def run_schedule(seed: int, options: Options, log: Any = None) -> History:
         first = await cluster.wait_ready(READY_TIMEOUT_S)
         await cluster.settled(quiet_s=1.5, timeout_s=READY_TIMEOUT_S)
         first = await cluster.decision(shape.agents[0]) or first
+        rest_by = time.monotonic() + READY_TIMEOUT_S
+        while not at_rest(first):
+            if time.monotonic() > rest_by:
+                raise TimeoutError(f"no decision at rest {READY_TIMEOUT_S:g} s after start: {first}")
+            await asyncio.sleep(0.2)
+            first = await cluster.decision(shape.agents[0]) or first
         baseline = {s: {r: int(p["weight"]) for r, p in ps.items()} for s, ps in first["services"].items()}
         recorder = Recorder(
             {a: cluster.agents[a].url for a in shape.agents},
