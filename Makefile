@@ -13,7 +13,16 @@ PYTEST_ARGS ?=
 # module fixtures start once); most of the suite waits on real processes.
 PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format venv system-deps clean unit
+# `make chaos`: seeded fault schedules against real agents, checked (tests/chaos/README.md).
+SCHEDULES ?= 20
+SEED      ?= 1
+AGENTS    ?= 3
+BACKEND   ?= raft
+DURATION  ?= 30
+CHAOS_OUT ?= chaos-out
+CHAOS_ARGS ?=
+
+.PHONY: demo test lint format venv system-deps clean unit chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,5 +54,9 @@ unit: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
+chaos: $(STAMP) system-deps
+	$(BIN)/python -m controlplane.testing.chaos --schedules $(SCHEDULES) --seed $(SEED) \
+		--agents $(AGENTS) --backend $(BACKEND) --duration $(DURATION) --out $(CHAOS_OUT) --quiet $(CHAOS_ARGS)
+
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis chaos-out
