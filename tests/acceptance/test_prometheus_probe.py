@@ -237,7 +237,7 @@ def test_check_config_parses_every_query_with_promtool(tmp_path: Path) -> None:
         pytest.fail("promtool is not installed: apt-get install -y prometheus")
     controlplane = str(Path(sys.executable).with_name("controlplane"))
     ok = subprocess.run(
-        [controlplane, "check-config", "-c", str(ROOT / "config" / "prometheus.yaml")],
+        [controlplane, "check-config", "--no-secrets", "-c", str(ROOT / "config" / "prometheus.yaml")],
         capture_output=True,
         text=True,
         timeout=60,
@@ -253,7 +253,7 @@ def test_check_config_parses_every_query_with_promtool(tmp_path: Path) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     bad = subprocess.run(
-        [controlplane, "check-config", "-c", str(path)],
+        [controlplane, "check-config", "--no-secrets", "-c", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -267,7 +267,7 @@ def test_check_config_parses_every_query_with_promtool(tmp_path: Path) -> None:
     )
     assert f"{where}.slow.query: promtool: " in bad.stderr
     skipped = subprocess.run(
-        [controlplane, "check-config", "-c", str(path), "--promtool", "off"],
+        [controlplane, "check-config", "--no-secrets", "-c", str(path), "--promtool", "off"],
         capture_output=True,
         text=True,
         timeout=60,
