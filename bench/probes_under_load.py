@@ -62,6 +62,7 @@ from bench.watch import WATCHERS_PER_WORKER, worker
 from controlplane.testing.localcluster import LocalCluster
 
 POLL_S = 0.5
+CONNECT_TIMEOUT_S = 300.0
 TARGET_FALSE_DOWN = 0
 TARGET_LATENCY_DELTA_MS = 5.0
 
@@ -209,12 +210,17 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         commits = 0
         try:
             t0 = time.monotonic()
-            while await metric_value(session, urls[loaded], "controlplane_watchers") < args.watchers:
-                if time.monotonic() - t0 > 180:
-                    raise TimeoutError(f"the watchers did not all connect within 180 s to {loaded}")
+            while (
+                held := await metric_value(session, urls[loaded], "controlplane_watchers")
+            ) < args.watchers:
+                if time.monotonic() - t0 > CONNECT_TIMEOUT_S:
+                    raise TimeoutError(
+                        f"{held:.0f} of {args.watchers} watchers on {loaded} after {CONNECT_TIMEOUT_S:g} s"
+                    )
                 if failed := await watchers.failures():
                     raise RuntimeError(f"watchers failed to connect: {failed}")
-                await asyncio.sleep(0.5)
+                print(f"  {held:.0f} watchers on {loaded}", flush=True)
+                await asyncio.sleep(2.0)
             connect_s = time.monotonic() - t0
             print(f"{args.watchers} SSE watchers on {loaded} after {connect_s:.1f} s; idle baseline {idle}")
             before = {a: await probe_counters(session, urls[a]) for a in (loaded, idle)}

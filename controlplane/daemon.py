@@ -8,8 +8,10 @@ same steps backwards. Any task that dies takes the process down with exit code 1
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from controlplane.agent.node import Node, Tokens
 from controlplane.api.app import create_app
 from controlplane.config import Settings
 from controlplane.consensus.factory import make_store
+from controlplane.diagnostics import AllocationTracer
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
 from controlplane.model import Observation
@@ -65,14 +68,18 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     """Run one agent until SIGTERM/SIGINT; raises `TaskFailed` if a task dies."""
     me = settings.agent(agent_id)
     tokens = resolve_tokens(settings)
+    tracer = AllocationTracer.from_env()
     store = make_store(settings, agent_id, data_dir)
     metrics = Metrics(agent_id)
     metrics.failover_budget.set(settings.policy.failover_budget_s)
     node = Node(settings=settings, agent_id=agent_id, store=store, metrics=metrics, tokens=tokens)
     sup = Supervisor()
     sup.install_signal_handlers()
+    metrics.tasks.add_loop("main", asyncio.get_running_loop())
 
     try:
+        if tracer is not None:
+            _start_tracer(tracer, sup)
         await _start(settings, node, sup, me.http)
     except BaseException:
         await sup.shutdown()
@@ -85,6 +92,20 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     )
     log.info("agent %s (%s) serving http://%s, %s", agent_id, me.region, me.http, where)
     await sup.wait()
+
+
+def _start_tracer(tracer: AllocationTracer, sup: Supervisor) -> None:
+    """tracemalloc from the environment; SIGUSR2 logs the top allocation differences."""
+    loop = asyncio.get_running_loop()
+    tracer.start()
+    loop.add_signal_handler(signal.SIGUSR2, tracer.request)
+
+    async def stop_tracer() -> None:
+        loop.remove_signal_handler(signal.SIGUSR2)
+        tracer.stop()
+
+    sup.on_stop("tracemalloc", stop_tracer)
+    sup.start("allocation dumps", tracer.run())
 
 
 async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> None:
@@ -131,6 +152,8 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     )
     await prober.start()
     sup.on_stop("prober", prober.stop)
+    if prober.loop is not None:
+        metrics.tasks.add_loop("prober", prober.loop)
     sup.start("decide", decide_loop(node, tick_s=0.5))
     sup.start("watch", watch_loop(node, tick_s=1.0))
     sup.start("revision feed", node.feed.run())

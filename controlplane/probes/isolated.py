@@ -89,6 +89,12 @@ class ProberThread:
         self._thread.start()
         await asyncio.wrap_future(self._started)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The prober's own event loop while it runs (for metrics: count its tasks)."""
+        loop = self._loop
+        return None if loop is None or loop.is_closed() else loop
+
     def impaired(self) -> str | None:
         """Why this agent's own probes are unreliable now (see `Prober.impaired`), or None."""
         prober = self.prober
