@@ -62,7 +62,6 @@ from bench.watch import WATCHERS_PER_WORKER, worker
 from controlplane.testing.localcluster import LocalCluster
 
 POLL_S = 0.5
-CONNECT_TIMEOUT_S = 300.0
 TARGET_FALSE_DOWN = 0
 TARGET_LATENCY_DELTA_MS = 5.0
 
@@ -213,9 +212,9 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             while (
                 held := await metric_value(session, urls[loaded], "controlplane_watchers")
             ) < args.watchers:
-                if time.monotonic() - t0 > CONNECT_TIMEOUT_S:
+                if time.monotonic() - t0 > args.connect_timeout_s:
                     raise TimeoutError(
-                        f"{held:.0f} of {args.watchers} watchers on {loaded} after {CONNECT_TIMEOUT_S:g} s"
+                        f"{held:.0f} of {args.watchers} watchers on {loaded} after {args.connect_timeout_s:g} s"
                     )
                 if failed := await watchers.failures():
                     raise RuntimeError(f"watchers failed to connect: {failed}")
@@ -335,6 +334,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "wrk_threads": args.threads,
             "wrk_connections": args.connections,
             "commit_every_s": args.commit_every_s,
+            "connect_timeout_s": args.connect_timeout_s,
             "leader": leader,
             "nofile_soft_limit": nofile,
         },
@@ -359,6 +359,9 @@ def main() -> None:
     ap.add_argument("--connections", type=int, default=64, help="wrk connections")
     ap.add_argument(
         "--commit-every-s", type=float, default=10.0, help="commit an intent this often (0: never)"
+    )
+    ap.add_argument(
+        "--connect-timeout-s", type=float, default=600.0, help="how long the watchers may take to connect"
     )
     add_common_args(ap)
     args = ap.parse_args()
