@@ -214,7 +214,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             ) < args.watchers:
                 if time.monotonic() - t0 > args.connect_timeout_s:
                     raise TimeoutError(
-                        f"{held:.0f} of {args.watchers} watchers on {loaded} after {args.connect_timeout_s:g} s"
+                        f"{held:.0f} of {args.watchers} watchers on {loaded}"
+                        f" after {args.connect_timeout_s:g} s"
                     )
                 if failed := await watchers.failures():
                     raise RuntimeError(f"watchers failed to connect: {failed}")
