@@ -176,8 +176,12 @@ class Watchers:
 
 
 async def metric_value(session: aiohttp.ClientSession, url: str, name: str) -> float:
-    async with session.get(url + "/metrics") as r:
-        text = await r.text()
+    """The value of an unlabelled series; 0 when the agent is too busy to answer in time."""
+    try:
+        async with session.get(url + "/metrics") as r:
+            text = await r.text()
+    except (TimeoutError, aiohttp.ClientError):
+        return 0.0
     for line in text.splitlines():
         if line.startswith(name + " "):
             return float(line.split()[1])
@@ -230,10 +234,15 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             flood = asyncio.create_task(run_wrk(wrk_bin, urls[loaded] + "/v1/decision", args, duration_s))
             headers = {"Authorization": f"Bearer {cluster.admin_token}"}
             next_commit = time.monotonic() + args.commit_every_s
+            poll_failures = 0
             try:
                 while not flood.done():
-                    async with session.get(urls[leader] + "/v1/observations") as r:
-                        body = await r.json()
+                    try:
+                        async with session.get(urls[leader] + "/v1/observations") as r:
+                            body = await r.json()
+                    except (TimeoutError, aiohttp.ClientError):
+                        poll_failures += 1
+                        body = {"observations": []}
                     for o in body["observations"]:
                         if o["observer"] in tallies and float(o["at"]) >= started_at:
                             tallies[o["observer"]].add(o)
@@ -244,11 +253,12 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                             "enabled": commits % 2 == 1,
                             "reason": "bench.probes_under_load",
                         }
-                        async with session.post(
-                            urls[leader] + "/v1/intents", json=intent, headers=headers
-                        ) as r:
-                            if r.status in (200, 201):
-                                commits += 1
+                        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
+                            async with session.post(
+                                urls[leader] + "/v1/intents", json=intent, headers=headers
+                            ) as r:
+                                if r.status in (200, 201):
+                                    commits += 1
                         next_commit += args.commit_every_s
                     await asyncio.wait({flood}, timeout=POLL_S)
                 wrk_result = await flood
@@ -346,6 +356,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "connect_s": round(connect_s, 2),
         "wrk": wrk_result,
         "commits": commits,
+        "observation_poll_failures": poll_failures,
         "agents": agents,
         "unplanned_decisions": unplanned,
         "targets": targets,
