@@ -275,7 +275,10 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             unplanned = [
                 {"revision": e["revision"], "summary": e.get("summary")}
                 for e in history["entries"]
-                if e["kind"] == "decision" and e["revision"] > index and e["revision"] not in ours
+                if e["kind"] == "decision"
+                and e["revision"] > index
+                # An intent's revision is not its decision's: judge by what the decision says.
+                and ("impaired" in str(e.get("summary")) or "feature comments" not in str(e.get("summary")))
             ]
         finally:
             await watchers.stop()
