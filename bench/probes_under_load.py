@@ -235,7 +235,6 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             headers = {"Authorization": f"Bearer {cluster.admin_token}"}
             next_commit = time.monotonic() + args.commit_every_s
             poll_failures = 0
-            ours: set[int] = set()  # the revisions the benchmark's intents committed
             try:
                 while not flood.done():
                     try:
@@ -260,7 +259,6 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                             ) as r:
                                 if r.status in (200, 201):
                                     commits += 1
-                                    ours.add(int((await r.json())["revision"]))
                         next_commit += args.commit_every_s
                     await asyncio.wait({flood}, timeout=POLL_S)
                 wrk_result = await flood
