@@ -61,6 +61,7 @@ from controlplane.testing.localcluster import LocalCluster
 
 WAIT = "120s"
 CONNECT_CONCURRENCY = 100
+CONNECT_ATTEMPTS = 5
 COLLECT_TIMEOUT_S = 60.0
 WATCHERS_PER_WORKER = 2500
 ROUND_GAP_S = 2.0
@@ -142,11 +143,25 @@ async def blocking_watcher(
 
 
 async def sse_watcher(host: str, port: int, index: int, w: Watcher, connected: asyncio.Semaphore) -> None:
-    async with connected:
-        reader, writer = await asyncio.open_connection(host, port)
+    # The semaphore is held until the stream's head arrives, so that connections the
+    # agent has not accepted yet stay few; one reset before the head (an agent too busy
+    # to accept in time) is retried, a few times, after a pause.
+    for attempt in range(CONNECT_ATTEMPTS):
+        async with connected:
+            reader, writer = await asyncio.open_connection(host, port)
+            try:
+                writer.write(f"GET /v1/watch?index={index} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
+                head = await reader.readuntil(b"\r\n\r\n")
+                break
+            except (ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                if attempt + 1 == CONNECT_ATTEMPTS:
+                    raise
+            except BaseException:
+                writer.close()
+                raise
+        await asyncio.sleep(0.2 * (attempt + 1))
     try:
-        writer.write(f"GET /v1/watch?index={index} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
-        head = await reader.readuntil(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 200"):
             raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
         revision = -1

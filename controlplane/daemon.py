@@ -8,23 +8,26 @@ same steps backwards. Any task that dies takes the process down with exit code 1
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
-import aiohttp
 from aiohttp import web
 
-from controlplane.agent.loops import decide_loop, publish, refresh_loop, watch_loop
+from controlplane.agent.loops import decide_loop, publish, watch_loop
 from controlplane.agent.node import Node, Tokens
 from controlplane.api.app import create_app
 from controlplane.config import Settings
 from controlplane.consensus.factory import make_store
+from controlplane.diagnostics import AllocationTracer
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
 from controlplane.model import Observation
-from controlplane.probes import Prober, ProbeResult, ProbeTarget, probe_targets
+from controlplane.probes import ProbeResult, ProbeTarget, probe_targets
+from controlplane.probes.isolated import ProberThread
 from controlplane.tasks import Supervisor
 
 log = logging.getLogger(__name__)
@@ -65,14 +68,18 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     """Run one agent until SIGTERM/SIGINT; raises `TaskFailed` if a task dies."""
     me = settings.agent(agent_id)
     tokens = resolve_tokens(settings)
+    tracer = AllocationTracer.from_env()
     store = make_store(settings, agent_id, data_dir)
     metrics = Metrics(agent_id)
     metrics.failover_budget.set(settings.policy.failover_budget_s)
     node = Node(settings=settings, agent_id=agent_id, store=store, metrics=metrics, tokens=tokens)
     sup = Supervisor()
     sup.install_signal_handlers()
+    metrics.tasks.add_loop("main", asyncio.get_running_loop())
 
     try:
+        if tracer is not None:
+            _start_tracer(tracer, sup)
         await _start(settings, node, sup, me.http)
     except BaseException:
         await sup.shutdown()
@@ -87,23 +94,34 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     await sup.wait()
 
 
+def _start_tracer(tracer: AllocationTracer, sup: Supervisor) -> None:
+    """tracemalloc from the environment; SIGUSR2 logs the top allocation differences."""
+    loop = asyncio.get_running_loop()
+    tracer.start()
+    loop.add_signal_handler(signal.SIGUSR2, tracer.request)
+
+    async def stop_tracer() -> None:
+        loop.remove_signal_handler(signal.SIGUSR2)
+        tracer.stop()
+
+    sup.on_stop("tracemalloc", stop_tracer)
+    sup.start("allocation dumps", tracer.run())
+
+
 async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> None:
     store, metrics, agent_id = node.store, node.metrics, node.agent_id
     store.on_task_failure = sup.fail
     await store.start()  # creates the data dir
     sup.on_stop("store", store.close)
     probes = settings.model.probes
-    session = aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=probes.max_concurrency, force_close=True),
-        timeout=aiohttp.ClientTimeout(total=max(t.timeout_s for t in probe_targets(settings)) + 1),
-    )
-    sup.on_stop("probe session", session.close)
+    targets = probe_targets(settings)
 
     # Detection stage of a failover: from the first failed probe of a (region, service)
-    # to the observation that says it is down. One entry per pair at most.
+    # to the observation that says it is down. One entry per pair at most; written on the
+    # prober's thread, read on this one (single dict operations, atomic under the GIL).
     failing_since: dict[tuple[str, str], float] = {}
 
-    async def on_change(observations: list[Observation]) -> None:
+    async def deliver(observations: list[Observation]) -> None:
         for o in observations:
             started = failing_since.get((o.region, o.service))
             if not o.up and o.inconclusive is None and started is not None:
@@ -119,20 +137,23 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
         elif not result.inconclusive:
             failing_since.setdefault(target.key, time.time() - result.duration_s)
 
-    prober = Prober(
+    # The prober and its refresh run on a thread and event loop of their own: however
+    # busy the API keeps this loop, probes keep their timing (issue 15).
+    prober = ProberThread(
         agent_id,
-        probe_targets(settings),
-        on_change=on_change,
+        targets,
+        deliver=deliver,
+        refresh_s=max(0.5, settings.policy.observation_ttl_s / 3),
         on_result=on_result,
-        session=session,
         slow_ms=settings.policy.slow_ms,
         max_concurrency=probes.max_concurrency,
+        session_timeout_s=max(t.timeout_s for t in targets) + 1,
         on_task_failure=sup.fail,
     )
     await prober.start()
     sup.on_stop("prober", prober.stop)
-    refresh_s = max(0.5, settings.policy.observation_ttl_s / 3)
-    sup.start("refresh observations", refresh_loop(node, prober, refresh_s))
+    if prober.loop is not None:
+        metrics.tasks.add_loop("prober", prober.loop)
     sup.start("decide", decide_loop(node, tick_s=0.5))
     sup.start("watch", watch_loop(node, tick_s=1.0))
     sup.start("revision feed", node.feed.run())

@@ -5,14 +5,25 @@ in one process in tests without clashing and nothing leaks between them. Names f
 Prometheus conventions: a `controlplane_` prefix, base units in the name (`_seconds`),
 `_total` on counters. Gauges that mirror the decision are refreshed from the committed
 decision with `observe_decision`, not incremented ad hoc, so they can never drift.
+
+For diagnosis (issue 15): the standard `process_*` series (RSS, CPU, open fds, threads,
+from /proc), `controlplane_build_info` (version, Python), and
+`controlplane_asyncio_tasks{loop}`, the unfinished asyncio tasks of each event loop the
+agent runs (`main`, `prober`), counted at scrape time: a count that only grows is a
+leaked task.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import platform
+from collections.abc import Iterable, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from controlplane import __version__
 from controlplane.model import Decision, State, Verdict
 from controlplane.state import StoreStatus
 
@@ -22,11 +33,39 @@ STATE_CODE = {State.HEALTHY: 0, State.DEGRADED: 1, State.DOWN: 2, State.DRAINED:
 VERDICT_CODE = {Verdict.UP: 0, Verdict.SLOW: 1, Verdict.DOWN: 2, Verdict.UNKNOWN: 3}
 
 
+class TaskCounter(Collector):
+    """`controlplane_asyncio_tasks{loop}`: unfinished tasks per registered loop, at scrape time."""
+
+    def __init__(self) -> None:
+        self._loops: dict[str, asyncio.AbstractEventLoop] = {}
+
+    def add_loop(self, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._loops[name] = loop
+
+    def remove_loop(self, name: str) -> None:
+        self._loops.pop(name, None)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        family = GaugeMetricFamily(
+            "controlplane_asyncio_tasks", "Unfinished asyncio tasks per event loop", labels=["loop"]
+        )
+        for name, loop in list(self._loops.items()):
+            if not loop.is_closed():
+                # all_tasks() copes with a set that another thread changes meanwhile.
+                family.add_metric([name], len(asyncio.all_tasks(loop)))
+        yield family
+
+
 class Metrics:
     def __init__(self, agent_id: str, registry: CollectorRegistry | None = None) -> None:
         self.agent_id = agent_id
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)
+        self.build_info = Info("controlplane_build", "The agent's version and Python", registry=r)
+        self.build_info.info({"version": __version__, "python": platform.python_version(), "agent": agent_id})
+        self.tasks = TaskCounter()
+        r.register(self.tasks)
         self.probe_duration = Histogram(
             "controlplane_probe_duration_seconds",
             "Duration of probes by this agent",

@@ -5,7 +5,13 @@ revision, or for this agent to lose (or regain) quorum. Rather than each of ten 
 of them waiting on the store (and waking on every observation refresh), one task
 follows the store and, when what readers act on changes (the served decision's epoch
 and revision, or whether this agent is stale), sets a single event that every waiter
-shares, then replaces it. A waiter costs one coroutine parked on an `asyncio.Event`.
+shares, then replaces it. A waiter costs one coroutine parked on a future.
+
+Timeouts share timers too (issue 15, item 2): a timer per waiter was one of the costs
+of a fan-out to ten thousand watchers. Deadlines are rounded up to `TIMER_GRAIN_S` and
+every waiter of one grain is released by the same loop timer (`_TimerWheel`), so there
+are at most `wait / TIMER_GRAIN_S` timers however many waiters there are. A wait ends
+at most one grain after its deadline.
 
 Staleness matters as much as revisions: an agent cut off from the majority cannot know
 what the others commit, so a reader blocked on it must be told at once, not at the end
@@ -15,7 +21,7 @@ of its wait, to go and ask an agent that has quorum (issue 13, item 3).
 from __future__ import annotations
 
 import asyncio
-import time
+import math
 from collections.abc import Callable
 
 from controlplane.consensus.base import ControlStore
@@ -24,13 +30,48 @@ from controlplane.model import Decision
 # How often the feed looks at the store's quorum status when nothing else wakes it:
 # the bound on how late a waiter learns that this agent lost quorum.
 STATUS_TICK_S = 0.1
+# Waiters' deadlines are rounded up to this; one timer per grain.
+TIMER_GRAIN_S = 0.05
+
+
+class _TimerWheel:
+    """One loop timer per grain of deadline; each releases every waiter of its grain."""
+
+    def __init__(self, grain_s: float = TIMER_GRAIN_S) -> None:
+        self._grain_s = grain_s
+        self._slots: dict[int, set[asyncio.Future[bool]]] = {}
+
+    def add(self, loop: asyncio.AbstractEventLoop, deadline: float, waiter: asyncio.Future[bool]) -> int:
+        """Resolve `waiter` with False at `deadline` (loop time) or up to one grain later."""
+        slot = math.ceil(deadline / self._grain_s)
+        waiters = self._slots.get(slot)
+        if waiters is None:
+            waiters = self._slots[slot] = set()
+            loop.call_at(slot * self._grain_s, self._fire, slot)
+        waiters.add(waiter)
+        return slot
+
+    def discard(self, slot: int, waiter: asyncio.Future[bool]) -> None:
+        waiters = self._slots.get(slot)
+        if waiters is not None:
+            waiters.discard(waiter)
+
+    def _fire(self, slot: int) -> None:
+        for waiter in self._slots.pop(slot, ()):
+            if not waiter.done():
+                waiter.set_result(False)
+
+    def __len__(self) -> int:
+        return len(self._slots)
 
 
 class RevisionFeed:
     def __init__(self, store: ControlStore, is_stale: Callable[[], bool] | None = None) -> None:
         self._store = store
         self._is_stale = is_stale or (lambda: not store.status().has_quorum)
-        self._event = asyncio.Event()
+        # Waiters for the next change: resolved with True by `run()`, False by the wheel.
+        self._waiters: set[asyncio.Future[bool]] = set()
+        self._wheel = _TimerWheel()
         self._key: tuple[str, int, bool] | None = None
 
     @property
@@ -54,8 +95,10 @@ class RevisionFeed:
             )
             if key != self._key:
                 self._key = key
-                event, self._event = self._event, asyncio.Event()
-                event.set()
+                waiters, self._waiters = self._waiters, set()
+                for waiter in waiters:
+                    if not waiter.done():
+                        waiter.set_result(True)
 
     async def wait_past(
         self, revision: int, timeout_s: float, *, epoch: str | None = None, stale: bool | None = None
@@ -65,9 +108,9 @@ class RevisionFeed:
         Returns early, with whatever is served, when the agent's staleness is no longer
         `stale` (when given), and at the timeout. The caller compares.
         """
-        deadline = time.monotonic() + timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         while True:
-            event = self._event
             decision = self.decision
             if decision is not None and (
                 decision.revision > revision or (epoch is not None and decision.epoch != epoch)
@@ -75,13 +118,15 @@ class RevisionFeed:
                 return decision
             if stale is not None and self._is_stale() != stale:
                 return decision
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if loop.time() >= deadline:
                 return decision
+            waiter: asyncio.Future[bool] = loop.create_future()
+            self._waiters.add(waiter)
+            slot = self._wheel.add(loop, deadline, waiter)
             try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for makes a task per call,
-                # which with 10,000 waiters was 8 % of the agent's time (bench.watch).
-                async with asyncio.timeout(remaining):
-                    await event.wait()
-            except TimeoutError:
+                changed = await waiter
+            finally:
+                self._waiters.discard(waiter)
+                self._wheel.discard(slot, waiter)
+            if not changed:
                 return self.decision

@@ -1,7 +1,8 @@
 """The agent's work: publish what it sees, and (on the leader) decide and commit.
 
-Publishing happens on every change the prober reports and again every refresh period,
-so a live agent's observations never expire and a dead agent's do. Deciding happens on
+Publishing happens on every change the prober reports and again every refresh period
+(both driven from the prober's own thread, `probes.isolated`), so a live agent's
+observations never expire and a dead agent's do. Deciding happens on
 every change of the replicated state and at least every `tick_s` (holds expire and
 ramps step with time alone). Only the leader commits, in its own term; a lost
 compare-and-set (another leader got there first, or this one was deposed) is normal
@@ -10,7 +11,6 @@ and retried on the next change.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections import Counter
@@ -22,7 +22,6 @@ from controlplane.decide.verdicts import is_fresh, quorum_for
 from controlplane.errors import Conflict, NotFound, NotLeader, StoreError
 from controlplane.intents import expired
 from controlplane.model import Decision, Intent, Observation, State, iso_time
-from controlplane.probes import Prober
 from controlplane.state import ControlState
 
 log = logging.getLogger(__name__)
@@ -34,20 +33,6 @@ async def publish(node: Node, observations: list[Observation]) -> None:
         return
     await node.store.publish_observations(node.agent_id, observations)
     node.metrics.observations_published.inc(len(observations))
-
-
-async def refresh_loop(node: Node, prober: Prober, period_s: float) -> None:
-    """Republish every current observation so it stays fresh in the store."""
-    warned = False
-    while True:
-        await asyncio.sleep(period_s)
-        try:
-            await publish(node, prober.current())
-            warned = False
-        except StoreError as e:
-            if not warned:
-                log.warning("cannot refresh observations: %s (will keep trying)", e)
-                warned = True
 
 
 def ready_to_decide(node: Node, state: ControlState) -> bool:

@@ -46,6 +46,8 @@ class Node:
 
     def __post_init__(self) -> None:
         self.feed = RevisionFeed(self.store, lambda: self.stale_for_s() is not None)
+        # Read at scrape time: opening and closing a watcher costs no gauge lock (issue 15).
+        self.metrics.watchers.set_function(lambda: self.watchers)
 
     @contextlib.contextmanager
     def watcher(self) -> Iterator[None]:
@@ -56,12 +58,10 @@ class Node:
                 "too many watchers", f"this agent holds its limit of {limit}; retry or use another agent"
             )
         self.watchers += 1
-        self.metrics.watchers.set(self.watchers)
         try:
             yield
         finally:
             self.watchers -= 1
-            self.metrics.watchers.set(self.watchers)
 
     def state(self) -> ControlState:
         return self.store.state()

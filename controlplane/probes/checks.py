@@ -23,6 +23,7 @@ import orjson
 
 from controlplane.errors import ProbeError
 from controlplane.probes.target import ProbeResult, ProbeTarget
+from controlplane.probes.timing import HTTP_CAP_SLACK_S
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -30,7 +31,7 @@ MAX_BODY_BYTES = 64 * 1024
 # connect that hangs from a response that never comes. A connect plus a read could take
 # twice the timeout, so an outer deadline caps the whole probe; it is set a little later
 # so that it does not pre-empt aiohttp's connect timer and blur "connect timeout".
-_CAP_SLACK_S = 0.05
+_CAP_SLACK_S = HTTP_CAP_SLACK_S
 
 _HEADERS = {"Connection": "close", "User-Agent": "controlplane-probe/1", "Accept": "*/*"}
 
@@ -52,8 +53,8 @@ async def check_http(session: aiohttp.ClientSession, target: ProbeTarget) -> Pro
     status: int | None = None
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=target.timeout_s, sock_read=target.timeout_s)
 
-    def failed(error: str) -> ProbeResult:
-        return ProbeResult(False, time.monotonic() - started, error, status=status)
+    def failed(error: str, timed_out: bool = False) -> ProbeResult:
+        return ProbeResult(False, time.monotonic() - started, error, status=status, timed_out=timed_out)
 
     try:
         async with (
@@ -74,9 +75,9 @@ async def check_http(session: aiohttp.ClientSession, target: ProbeTarget) -> Pro
     except _BadBody as exc:
         return failed(str(exc))
     except aiohttp.ConnectionTimeoutError:
-        return failed("connect timeout")
+        return failed("connect timeout", timed_out=True)
     except TimeoutError:
-        return failed(f"timeout after {round(target.timeout_s * 1000)} ms")
+        return failed(f"timeout after {round(target.timeout_s * 1000)} ms", timed_out=True)
     except aiohttp.ClientSSLError:
         return failed("TLS handshake failed")
     except aiohttp.ClientConnectorDNSError:
@@ -101,7 +102,7 @@ async def check_tcp(target: ProbeTarget) -> ProbeResult:
         async with asyncio.timeout(target.timeout_s):
             _, writer = await asyncio.open_connection(target.host, target.port)
     except TimeoutError:
-        return ProbeResult(False, time.monotonic() - started, "connect timeout")
+        return ProbeResult(False, time.monotonic() - started, "connect timeout", timed_out=True)
     except OSError as exc:
         return ProbeResult(False, time.monotonic() - started, _connect_error(exc))
     elapsed = time.monotonic() - started
@@ -116,6 +117,8 @@ async def check_tcp(target: ProbeTarget) -> ProbeResult:
 
 
 def _connect_error(exc: OSError) -> str:
+    # (An OSError that is a TimeoutError comes from the kernel's own connect timer, not
+    # from ours, so it is not marked `timed_out`.)
     if isinstance(exc, ConnectionRefusedError):
         return "connect refused"
     if isinstance(exc, TimeoutError):

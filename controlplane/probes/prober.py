@@ -22,6 +22,14 @@ services, and the callback always sees the latest state. If the callback fails o
 out, the same changes are retried after `retry_s`; the caller's periodic refresh from
 `current()` is the second safety net.
 
+Its own timing (`timing.py`): a probe whose deadline fired late because this process
+lagged is inconclusive, never a failure, and while the prober's loop lags (more than
+`timing.IMPAIRED_LAG_S` during a probe, or within the last `impaired_hold_s`) every
+observation it delivers says `impaired`, with the lateness measured, so `decide()` does
+not count this agent as a witness. The daemon runs the prober on a thread and event
+loop of its own (`isolated.ProberThread`) so that API load does not reach it at all;
+these rules are the safety net for what still does (the GIL, a paused VM).
+
 Guarantees: every network await is bounded by the target's timeout; `stop()` cancels and
 awaits every task it started and closes the HTTP session if the prober created it.
 """
@@ -33,6 +41,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 
 import aiohttp
 
@@ -42,6 +51,7 @@ from controlplane.probes import checks
 from controlplane.probes.health import TargetHealth, is_slow, summarize
 from controlplane.probes.prometheus import PrometheusCheck
 from controlplane.probes.target import ProbeResult, ProbeTarget
+from controlplane.probes.timing import IMPAIRED_HOLD_MIN_S, IMPAIRED_LAG_S, LagMonitor, judge_timing
 from controlplane.tasks import FailureHandler, log_failure, spawn
 
 log = logging.getLogger(__name__)
@@ -49,8 +59,8 @@ log = logging.getLogger(__name__)
 OnChange = Callable[[list[Observation]], Awaitable[None]]
 OnResult = Callable[[ProbeTarget, ProbeResult], None]
 ServiceKey = tuple[str, str]
-# (up, slow, inconclusive) as last delivered; up is None while unknown.
-_Status = tuple[bool | None, bool, bool]
+# (up, slow, inconclusive, impaired) as last delivered; up is None while unknown.
+_Status = tuple[bool | None, bool, bool, bool]
 
 
 class Prober:
@@ -80,6 +90,8 @@ class Prober:
         retry_s: float = 1.0,
         rng: random.Random | None = None,
         on_task_failure: FailureHandler = log_failure,
+        clock: Callable[[], float] = time.monotonic,
+        impaired_hold_s: float | None = None,
     ) -> None:
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 (got {max_concurrency})")
@@ -104,7 +116,16 @@ class Prober:
         self._groups: dict[ServiceKey, list[ProbeTarget]] = {}
         for t in self.targets:
             self._groups.setdefault(t.key, []).append(t)
-        self._delivered: dict[ServiceKey, _Status] = dict.fromkeys(self._groups, (None, False, False))
+        self._delivered: dict[ServiceKey, _Status] = dict.fromkeys(self._groups, (None, False, False, False))
+        self._clock = clock
+        self.lag = LagMonitor(clock=clock)
+        # Stay impaired long enough for a quorum's worth of probes to be judged again.
+        self._impaired_hold_s = impaired_hold_s or max(
+            [IMPAIRED_HOLD_MIN_S, *(2 * t.interval_s * t.fall for t in self.targets)]
+        )
+        self._late_at: float | None = None  # monotonic time of the last late probe
+        self._late_s = 0.0  # the worst lateness within the hold
+        self._impaired = False  # as the observations last said
         self._dirty: set[ServiceKey] = set()
         self._wakeup = asyncio.Event()
         self._flush_lock = asyncio.Lock()
@@ -117,6 +138,7 @@ class Prober:
         if self._tasks:
             raise RuntimeError("prober already started")
         self._tasks.append(spawn("prober notifier", self._notify_loop(), self.on_task_failure))
+        self._tasks.append(spawn("prober lag monitor", self.lag.run(), self.on_task_failure))
         for target in self.targets:
             name = f"probe {target.region}/{target.service} {target.address}"
             self._tasks.append(spawn(name, self._probe_loop(target), self.on_task_failure))
@@ -145,10 +167,13 @@ class Prober:
         health = self._health[target]
         prometheus = self._prometheus.get(target)
         async with self._semaphore:
+            started = self._clock()
             if prometheus is not None:
                 result = await prometheus.check(self._http())
             else:
                 result = await checks.check(self._http(), target)
+        result, lateness = judge_timing(target, result, self.lag.lag_since(started))
+        self._note_lateness(lateness)
         health.record(result, self._wall_clock())
         if self._on_result is not None:
             try:
@@ -156,10 +181,36 @@ class Prober:
             except Exception:
                 log.exception("on_result hook failed for %s", target.address)
         key = target.key
-        if self._status(key) != self._delivered[key]:
+        if self._impaired != (self.impaired() is not None):
+            # Every pair's observation changes with it.
+            self._impaired = not self._impaired
+            why = self.impaired()
+            if why is not None:
+                log.warning("%s probes are unreliable: %s; observations say impaired", self.observer, why)
+            else:
+                log.info("%s probes are on time again; observations no longer say impaired", self.observer)
+            self._dirty.update(self._groups)
+            self._wakeup.set()
+        elif self._status(key) != self._delivered[key]:
             self._dirty.add(key)
             self._wakeup.set()
         return result
+
+    def _note_lateness(self, lateness_s: float) -> None:
+        if lateness_s <= IMPAIRED_LAG_S:
+            return
+        now = self._clock()
+        if self._late_at is None or now - self._late_at > self._impaired_hold_s:
+            self._late_s = lateness_s
+        else:
+            self._late_s = max(self._late_s, lateness_s)
+        self._late_at = now
+
+    def impaired(self) -> str | None:
+        """Why this observer's own probes cannot be trusted now, or None when they can."""
+        if self._late_at is None or self._clock() - self._late_at > self._impaired_hold_s:
+            return None
+        return f"probe deadlines fired up to {round(self._late_s * 1000)} ms late (its own process lagged)"
 
     async def _probe_loop(self, target: ProbeTarget) -> None:
         loop = asyncio.get_running_loop()
@@ -241,7 +292,10 @@ class Prober:
 
     def _summary(self, key: ServiceKey) -> Observation | None:
         region, service = key
-        return summarize(self.observer, region, service, [self._health[t] for t in self._groups[key]])
+        observation = summarize(self.observer, region, service, [self._health[t] for t in self._groups[key]])
+        if observation is not None and self._impaired:
+            observation = replace(observation, impaired=self.impaired())
+        return observation
 
     def _status(self, key: ServiceKey) -> _Status:
         return self._status_of(self._summary(key))
@@ -249,4 +303,5 @@ class Prober:
     def _status_of(self, observation: Observation | None) -> _Status:
         up = None if observation is None else observation.up
         inconclusive = observation is not None and observation.inconclusive is not None
-        return (up, is_slow(observation, self._slow_ms), inconclusive)
+        impaired = observation is not None and observation.impaired is not None
+        return (up, is_slow(observation, self._slow_ms), inconclusive, impaired)

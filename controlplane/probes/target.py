@@ -135,6 +135,8 @@ class ProbeResult:
     does not answer; it is not a failure and counts neither way. `reported_latency_ms`
     is the latency the target's metrics report, when the probe's own duration is not
     the service's latency (a Prometheus query): `latency_ms` is then that, or None.
+    `timed_out`: the failure is a deadline that fired, so it depends on this agent's
+    own timing (`timing.judge_timing` makes it inconclusive when the deadline was late).
     """
 
     ok: bool
@@ -145,6 +147,7 @@ class ProbeResult:
     inconclusive: bool = False
     reported_latency_ms: float | None = None
     latency_from_metrics: bool = False
+    timed_out: bool = False
 
     @property
     def latency_ms(self) -> float | None:

@@ -29,6 +29,7 @@ BINARIES = {
         ("haproxy", "haproxy"),
     ],
     "api": [("wrk", "wrk"), ("nginx", "nginx")],
+    "probes_under_load": [("wrk", "wrk")],
 }
 PERCENTILES = {"n", "min", "p50", "p95", "p99", "max", "mean"}
 
@@ -141,6 +142,24 @@ def test_watch(tmp_path: Path) -> None:
         assert r["agent"]["rss_mb_holding"] > 0 and r["agent"]["fds_holding"] >= 10
         assert len(r["per_round"]) == 1
     assert set(data["targets"]) >= {"p99_ms", "p99_met", "rss_mb_peak", "rss_met"}
+
+
+def test_probes_under_load(tmp_path: Path) -> None:
+    data = run_bench(
+        "probes_under_load",
+        tmp_path,
+        *("--watchers", "10", "--minutes", "0.05", "--threads", "1", "--connections", "2"),
+        *("--commit-every-s", "1"),
+    )
+    assert data["wrk"]["requests"] > 0 and data["commits"] >= 1
+    assert data["agents"]["loaded"]["agent"] != data["agents"]["idle"]["agent"]
+    for role in ("loaded", "idle"):
+        a = data["agents"][role]
+        assert a["observations"] > 0, a
+        assert {"false_down", "impaired", "inconclusive", "false_down_examples"} <= set(a)
+        check_percentiles(a["latency_ms"])
+        assert a["probe_counters"]["probes"] > 0 and a["probe_counters"]["mean_probe_ms"] > 0
+    assert set(data["targets"]) >= {"false_down", "false_down_met", "latency_p50_delta_ms", "latency_met"}
 
 
 def test_api(tmp_path: Path) -> None:

@@ -643,8 +643,8 @@ async def test_stop_leaves_no_tasks_and_closes_its_session(service: FakeService)
     await prober.start()
     await asyncio.sleep(0.1)
     assert service.in_flight == 4
-    # Four probe loops and the notifier (the server's own tasks are not the prober's).
-    assert len(prober_tasks(before)) == 5
+    # Four probe loops, the notifier and the lag monitor (the server's own tasks are not the prober's).
+    assert len(prober_tasks(before)) == 6
     await prober.stop()
     assert prober_tasks(before) == set()
     assert prober._own_session is None
