@@ -125,10 +125,11 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
     from controlplane.daemon import resolve_tokens
     from controlplane.probes import promtool as promtool_check
 
+    tokens = None
     try:
         s = load_settings(config_path)
         if not no_secrets:
-            resolve_tokens(s)
+            tokens = resolve_tokens(s)
     except ConfigError as e:
         fail_config(e, config_path)
         return
@@ -147,7 +148,12 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
                 fail_config(ConfigError(problems), config_path)
                 return
             click.echo(f"{config_path}: {len(found)} PromQL queries parsed by {binary}")
-    secrets = "not checked" if no_secrets else "resolved and strong"
+    if tokens is None:
+        secrets = "not checked"
+    else:
+        named = ", ".join(f"{t.name} ({t.scope})" for t in tokens.entries) or "none: writes disabled"
+        reads = "open" if tokens.reads_open else "need a token"
+        secrets = f"resolved and strong (tokens: {named}; reads {reads})"
     click.echo(
         f"{config_path}: ok: {len(s.cluster.agents)} agents, {len(s.policy.regions)} regions, "
         f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, secrets {secrets}"

@@ -329,14 +329,46 @@ class FeatureConfig(_Strict):
     services: tuple[Name, ...] = ()
 
 
+class TokenConfig(_Strict):
+    """One named bearer token: `name` is recorded as "who"; `scope` is what it may do."""
+
+    name: Name
+    scope: Literal["read", "lb", "operate", "admin"]
+    secret: SecretRef
+
+
 class AuthConfig(_Strict):
+    """Bearer tokens. `tokens` are named, each with a scope (see `controlplane.access`).
+
+    `admin_token` and `read_token` are the legacy single tokens, kept as tokens named
+    `admin` (scope admin) and `read` (scope read). `admin_token` defaults to the
+    environment variable CONTROLPLANE_ADMIN_TOKEN only when `tokens` is not given.
+    `open_reads`: whether reads need no token; by default they do not unless a token of
+    scope `read` is configured.
+    """
+
     admin_token: SecretRef | None = SecretRef(env="CONTROLPLANE_ADMIN_TOKEN")
     read_token: SecretRef | None = None
+    tokens: Annotated[tuple[TokenConfig, ...], Field(max_length=1000)] = ()
+    open_reads: bool | None = None
+
+    @model_validator(mode="after")
+    def _no_default_admin_with_named_tokens(self) -> AuthConfig:
+        if self.tokens and "admin_token" not in self.model_fields_set:
+            object.__setattr__(self, "admin_token", None)
+        return self
 
 
 class ApiConfig(_Strict):
     max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     max_watchers: Annotated[int, Field(ge=1, le=100_000)] = 20_000
+    # Open connections at most; by default 25000 or what the open-file limit allows
+    # (see api/server.py). Watchers live inside it.
+    max_connections: Annotated[int, Field(ge=32, le=1_000_000)] | None = None
+    # A connection must send a whole request head this soon after it opens (and after
+    # each answer, when kept alive), and a request body this soon after its head.
+    header_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
+    body_timeout_s: Annotated[float, Field(gt=0, le=300)] = 10.0
     max_wait_s: Annotated[float, Field(gt=0, le=600)] = 300.0
     history_page_max: Annotated[int, Field(ge=1, le=10_000)] = 500
 
@@ -549,6 +581,8 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
                 f"{service} or in none (got none here, but {', '.join(with_weight)} set one)"
             )
 
+    problems.extend(_check_token_names(mapping(raw.get("auth"))))
+
     backend = mapping(raw.get("backend"))
     if backend.get("kind") == "etcd" and backend.get("etcd") is None:
         problems.append("backend.etcd: required when backend.kind is etcd (got nothing)")
@@ -565,6 +599,27 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
             )
         if lo <= 3 * hb:
             problems.append(f"backend.raft.heartbeat_s: must be below election_timeout_min_s / 3 (got {hb})")
+    return problems
+
+
+def _check_token_names(auth: Mapping[str, Any]) -> list[str]:
+    """Token names are unique, and `admin`/`read` are taken when the legacy tokens are set."""
+    problems: list[str] = []
+    tokens = auth.get("tokens")
+    taken: dict[str, str] = {}
+    legacy_admin = auth.get("admin_token") is not None if "admin_token" in auth else not tokens
+    if legacy_admin:
+        taken["admin"] = "auth.admin_token"
+    if auth.get("read_token") is not None:
+        taken["read"] = "auth.read_token"
+    for i, token in enumerate(tokens if isinstance(tokens, list) else []):
+        name = token.get("name") if isinstance(token, Mapping) else None
+        if not isinstance(name, str):
+            continue
+        if name in taken:
+            problems.append(f"auth.tokens[{i}].name: same name as {taken[name]} (got {_fmt_value(name)})")
+        else:
+            taken[name] = f"auth.tokens[{i}]"
     return problems
 
 

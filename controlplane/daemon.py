@@ -16,10 +16,12 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
+from controlplane.access import Scope, Token, Tokens
 from controlplane.agent.loops import decide_loop, publish, refresh_loop, watch_loop
-from controlplane.agent.node import Node, Tokens
+from controlplane.agent.node import Node
 from controlplane.api.app import create_app
-from controlplane.config import Settings
+from controlplane.api.server import ConnectionLimits, GuardedSite, connection_limits
+from controlplane.config import SecretRef, Settings
 from controlplane.consensus.factory import make_store
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
@@ -42,38 +44,69 @@ def resolve_agent_id(settings: Settings, agent_id: str | None) -> str:
 
 
 def resolve_tokens(settings: Settings) -> Tokens:
-    """The bearer tokens, and the cluster secret checked too: every missing one at once."""
+    """The bearer tokens, and the cluster secret checked too: every problem at once.
+
+    Each secret must be strong (`config.weakness`), and no two tokens may share a
+    secret (the token presented would not say who is calling).
+    """
     auth = settings.model.auth
-    problems = []
-    values: dict[str, str | None] = {"admin_token": None, "read_token": None}
-    refs = [("admin_token", auth.admin_token), ("read_token", auth.read_token)]
-    if settings.model.backend.kind == "raft":
-        refs.append(("cluster.secret", settings.cluster.secret))
-    for name, ref in refs:
-        if ref is None:
-            continue
+    problems: list[str] = []
+
+    def resolve(ref: SecretRef, path: str) -> str | None:
         try:
-            values[name] = ref.resolve(name if "." in name else f"auth.{name}")
+            return ref.resolve(path)
         except ConfigError as e:
             problems.extend(e.problems)
+            return None
+
+    if settings.model.backend.kind == "raft":
+        resolve(settings.cluster.secret, "cluster.secret")
+    admin = resolve(auth.admin_token, "auth.admin_token") if auth.admin_token is not None else None
+    read = resolve(auth.read_token, "auth.read_token") if auth.read_token is not None else None
+    named: list[Token] = []
+    seen: dict[str, str] = {}
+    if admin is not None:
+        seen[admin] = "auth.admin_token"
+    if read is not None:
+        seen.setdefault(read, "auth.read_token")
+        if seen[read] != "auth.read_token":
+            problems.append("auth.read_token: same secret as auth.admin_token (each token needs its own)")
+    for i, entry in enumerate(auth.tokens):
+        path = f"auth.tokens[{i}]"
+        secret = resolve(entry.secret, f"{path}.secret")
+        if secret is None:
+            continue
+        if secret in seen:
+            problems.append(f"{path}.secret: same secret as {seen[secret]} (each token needs its own)")
+            continue
+        seen[secret] = path
+        named.append(Token(entry.name, Scope(entry.scope), secret))
     if problems:
         raise ConfigError(problems)
-    return Tokens(admin=values["admin_token"], read=values["read_token"])
+    return Tokens(admin=admin, read=read, named=tuple(named), open_reads=auth.open_reads)
 
 
 async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     """Run one agent until SIGTERM/SIGINT; raises `TaskFailed` if a task dies."""
     me = settings.agent(agent_id)
     tokens = resolve_tokens(settings)
+    limits = connection_limits(settings)
     store = make_store(settings, agent_id, data_dir)
     metrics = Metrics(agent_id)
     metrics.failover_budget.set(settings.policy.failover_budget_s)
-    node = Node(settings=settings, agent_id=agent_id, store=store, metrics=metrics, tokens=tokens)
+    node = Node(
+        settings=settings,
+        agent_id=agent_id,
+        store=store,
+        metrics=metrics,
+        tokens=tokens,
+        max_watchers=limits.max_watchers,
+    )
     sup = Supervisor()
     sup.install_signal_handlers()
 
     try:
-        await _start(settings, node, sup, me.http)
+        await _start(settings, node, sup, me.http, limits)
     except BaseException:
         await sup.shutdown()
         raise
@@ -84,10 +117,19 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
         else f"etcd {','.join(backend.etcd.endpoints) if backend.etcd else '?'}"
     )
     log.info("agent %s (%s) serving http://%s, %s", agent_id, me.region, me.http, where)
+    log.info(
+        "http limits: %d connections, %d watchers (open-file limit %d), request head within %g s",
+        limits.max_connections,
+        limits.max_watchers,
+        limits.nofile,
+        settings.model.api.header_timeout_s,
+    )
     await sup.wait()
 
 
-async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> None:
+async def _start(
+    settings: Settings, node: Node, sup: Supervisor, http: str, limits: ConnectionLimits
+) -> None:
     store, metrics, agent_id = node.store, node.metrics, node.agent_id
     store.on_task_failure = sup.fail
     await store.start()  # creates the data dir
@@ -138,9 +180,20 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     sup.start("revision feed", node.feed.run())
 
     # handler_cancellation: a client that hangs up frees its blocking query at once.
-    runner = web.AppRunner(create_app(node), access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
+    # keepalive_timeout: aiohttp closes a connection whose request head is not complete
+    # this long after it opened or after its last answer (slowloris, idle sockets).
+    runner = web.AppRunner(
+        create_app(node),
+        access_log=None,
+        shutdown_timeout=2.0,
+        handler_cancellation=True,
+        keepalive_timeout=settings.model.api.header_timeout_s,
+        # After an early answer (a body too slow, too big), read what is left of it this
+        # long at most before closing (aiohttp's default is 10 s).
+        lingering_time=1.0,
+    )
     await runner.setup()
     sup.on_stop("http", runner.cleanup)
     host, _, port = http.rpartition(":")
-    site = web.TCPSite(runner, host, int(port), reuse_address=True, backlog=1024)
+    site = GuardedSite(runner, host, int(port), max_connections=limits.max_connections)
     await site.start()

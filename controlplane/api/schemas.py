@@ -24,6 +24,8 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     reason: Reason
+    # Accepted for older clients and noted in the audit log; the intent's `who` is the
+    # name of the token that sent it, never what the client says.
     who: Who | None = None
     # Chosen by the client to make a retry safe: the same id commits once.
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")] | None = None
@@ -180,6 +182,8 @@ class IntentAccepted(BaseModel):
     id: str
     seq: int
     revision: int | None
+    # The name of the token that wrote it, recorded as the intent's `who`.
+    who: str | None = None
     detail: str | None = None
 
 
