@@ -66,7 +66,7 @@ def validation_problem(e: ValidationError, drop: int = 0) -> Rejected:
             )
         ]
         where = ".".join(loc) or "body"
-        problems.append(f"{where}: {err['msg']}")
+        problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return Rejected("invalid request", "; ".join(problems))
 
 
