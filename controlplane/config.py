@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from controlplane.addresses import split_host_port, url_problem
 from controlplane.errors import ConfigError
 from controlplane.model import SHED_FRACTION_FLAG, FeatureSpec, Policy, RegionSpec
 from controlplane.promql import check_query, parse_condition
@@ -40,9 +41,7 @@ class _Strict(BaseModel):
 
 
 def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be host:port with a port between 1 and 65535")
+    split_host_port(value)  # ValueError naming what is wrong
     return value
 
 
@@ -133,13 +132,11 @@ class ClusterConfig(_Strict):
         return v
 
 
-HTTP_URL = r"^https?://[^/\s]+(/\S*)?$"
-
-
 def _server_urls(v: tuple[str, ...]) -> tuple[str, ...]:
     for url in v:
-        if not re.match(HTTP_URL, url):
-            raise ValueError(f"must be http://host:port or https://host:port/prefix (got {url!r})")
+        problem = url_problem(url, ("http", "https"))
+        if problem:
+            raise ValueError(f"{problem} (got {_fmt_value(url)})")
     if len(set(v)) != len(v):
         raise ValueError("lists a server twice")
     return v
@@ -230,12 +227,15 @@ class TargetConfig(_Strict):
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None or re.match(HTTP_URL, v):
+        if v is None:
             return v
         if v.startswith("tcp://"):
             _host_port(v.removeprefix("tcp://"))
             return v
-        raise ValueError("must be http://host:port/path, https://... or tcp://host:port")
+        problem = url_problem(v, ("http", "https"))
+        if problem:
+            raise ValueError(f"{problem}; or tcp://host:port")
+        return v
 
     @model_validator(mode="after")
     def _one_kind(self) -> TargetConfig:
