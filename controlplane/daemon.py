@@ -8,6 +8,7 @@ same steps backwards. Any task that dies takes the process down with exit code 1
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
@@ -22,7 +23,7 @@ from controlplane.agent.node import Node
 from controlplane.api.app import create_app
 from controlplane.api.server import ConnectionLimits, GuardedSite, connection_limits
 from controlplane.config import SecretRef, Settings
-from controlplane.consensus.factory import make_store
+from controlplane.consensus.factory import make_store, store_problems
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
 from controlplane.model import Observation
@@ -86,11 +87,48 @@ def resolve_tokens(settings: Settings) -> Tokens:
     return Tokens(admin=admin, read=read, named=tuple(named), open_reads=auth.open_reads)
 
 
-async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
-    """Run one agent until SIGTERM/SIGINT; raises `TaskFailed` if a task dies."""
+def preflight(settings: Settings, *, secrets: bool = True) -> tuple[Tokens, ConnectionLimits]:
+    """Every check between a valid file and a running agent, all problems at once.
+
+    The one validation `check-config` and `agent` share (after `load_settings`): the
+    backend's own rules, the secrets (unless `secrets` is False: then no tokens), and
+    the connection limits against this process's open-file limit.
+    """
+    problems = list(store_problems(settings))
+    tokens = Tokens()
+    limits: ConnectionLimits | None = None
+    if secrets:
+        try:
+            tokens = resolve_tokens(settings)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    try:
+        limits = connection_limits(settings)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    if problems or limits is None:
+        raise ConfigError(problems)
+    return tokens, limits
+
+
+async def watch_parent(sup: Supervisor, parent_pid: int, period_s: float = 0.5) -> None:
+    """Stop the agent once the process that started it is gone (no orphans holding ports).
+
+    An orphan is re-parented (to init or a subreaper), so its parent pid changes.
+    """
+    while os.getppid() == parent_pid:  # noqa: ASYNC110 (no event tells of a parent's death)
+        await asyncio.sleep(period_s)
+    log.warning("parent process %d is gone", parent_pid)
+    sup.request_stop(f"parent process {parent_pid} is gone")
+
+
+async def run_agent(
+    settings: Settings, agent_id: str, data_dir: Path, *, parent_pid: int | None = None
+) -> None:
+    """Run one agent until SIGTERM/SIGINT (or, with `parent_pid`, until that parent is
+    gone); raises `TaskFailed` if a task dies."""
     me = settings.agent(agent_id)
-    tokens = resolve_tokens(settings)
-    limits = connection_limits(settings)
+    tokens, limits = preflight(settings)
     store = make_store(settings, agent_id, data_dir)
     metrics = Metrics(agent_id)
     metrics.failover_budget.set(settings.policy.failover_budget_s)
@@ -104,6 +142,8 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
     )
     sup = Supervisor()
     sup.install_signal_handlers()
+    if parent_pid is not None:
+        sup.start("parent watch", watch_parent(sup, parent_pid))
 
     try:
         await _start(settings, node, sup, me.http, limits)
