@@ -146,7 +146,7 @@ def agent(
     data_dir = data_dir or settings.model.data_dir / agent_id
     parent = os.getppid() if exit_with_parent else None
     try:
-        run(run_agent(settings, agent_id, data_dir, parent_pid=parent))
+        run(run_agent(settings, agent_id, data_dir, parent_pid=parent, config_path=Path(config_path)))
     except ConfigError as e:
         fail_config(e, config_path)
     except TaskFailed as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from controlplane.agent.loops import decide_loop, publish, refresh_loop, watch_l
 from controlplane.agent.node import Node
 from controlplane.api.app import create_app
 from controlplane.api.server import ConnectionLimits, GuardedSite, connection_limits
-from controlplane.config import SecretRef, Settings
+from controlplane.config import SecretRef, Settings, load_settings
 from controlplane.consensus.factory import make_store, store_problems
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
@@ -122,8 +123,67 @@ async def watch_parent(sup: Supervisor, parent_pid: int, period_s: float = 0.5) 
     sup.request_stop(f"parent process {parent_pid} is gone")
 
 
+# What SIGHUP may change in a running agent; every other section needs a restart.
+LIVE_SECTIONS = ("policy", "features", "auth", "log_level")
+
+
+def reload_settings(node: Node, config_path: Path) -> str:
+    """Apply `config_path` to a running agent if only live sections changed; says what it did.
+
+    A file with any problem, or with a change to a section outside `LIVE_SECTIONS`
+    (agents, addresses, backend, probes, regions, API limits), changes nothing.
+    """
+    old = node.settings
+    try:
+        new = load_settings(config_path)
+        if node.agent_id not in {a.id for a in new.cluster.agents}:
+            raise ConfigError([f"cluster.agents: no longer lists this agent {node.agent_id}"])
+        tokens = resolve_tokens(new)
+    except ConfigError as e:
+        problems = "; ".join(e.problems)
+        log.error("reload refused, nothing changed: %s: %s", config_path, problems)
+        return f"refused: {problems}"
+    fixed = [
+        name
+        for name in type(new.model).model_fields
+        if name not in LIVE_SECTIONS and getattr(new.model, name) != getattr(old.model, name)
+    ]
+    if fixed:
+        log.error(
+            "reload refused, nothing changed: %s changed, which needs a restart (live: %s)",
+            ", ".join(fixed),
+            ", ".join(LIVE_SECTIONS),
+        )
+        return f"refused: {', '.join(fixed)} need a restart"
+    changed = [name for name in LIVE_SECTIONS if getattr(new.model, name) != getattr(old.model, name)]
+    node.settings = new
+    node.tokens = tokens
+    logging.getLogger().setLevel(getattr(logging, new.model.log_level.upper(), logging.INFO))
+    log.warning("reloaded %s: %s", config_path, ", ".join(changed) or "no change")
+    return f"reloaded: {', '.join(changed) or 'no change'}"
+
+
+async def reload_on_sighup(node: Node, config_path: Path) -> None:
+    """Reload the configuration on every SIGHUP (instead of dying, the default)."""
+    wanted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, wanted.set)
+    try:
+        while True:
+            await wanted.wait()
+            wanted.clear()
+            reload_settings(node, config_path)
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
 async def run_agent(
-    settings: Settings, agent_id: str, data_dir: Path, *, parent_pid: int | None = None
+    settings: Settings,
+    agent_id: str,
+    data_dir: Path,
+    *,
+    parent_pid: int | None = None,
+    config_path: Path | None = None,
 ) -> None:
     """Run one agent until SIGTERM/SIGINT (or, with `parent_pid`, until that parent is
     gone); raises `TaskFailed` if a task dies."""
@@ -144,6 +204,8 @@ async def run_agent(
     sup.install_signal_handlers()
     if parent_pid is not None:
         sup.start("parent watch", watch_parent(sup, parent_pid))
+    if config_path is not None:
+        sup.start("reload on SIGHUP", reload_on_sighup(node, config_path))
 
     try:
         await _start(settings, node, sup, me.http, limits)
