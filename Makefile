@@ -9,8 +9,20 @@ STAMP  := $(VENV)/.installed
 # Debian packages the acceptance tests drive for real.
 TEST_DEBS := etcd-server etcd-client haproxy nginx prometheus redis-server redis-sentinel wrk iproute2 faketime chromium chromium-driver
 PYTEST_ARGS ?=
+# Test files run on this many workers (pytest-xdist, one file stays on one worker so its
+# module fixtures start once); most of the suite waits on real processes.
+PYTEST_WORKERS ?= 2
 
-.PHONY: demo test lint format venv system-deps clean unit
+# `make chaos`: seeded fault schedules against real agents, checked (tests/chaos/README.md).
+SCHEDULES ?= 20
+SEED      ?= 1
+AGENTS    ?= 3
+BACKEND   ?= raft
+DURATION  ?= 30
+CHAOS_OUT ?= chaos-out
+CHAOS_ARGS ?=
+
+.PHONY: demo test lint format venv system-deps clean unit chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,7 +52,11 @@ unit: $(STAMP)
 	$(BIN)/python -m pytest -q tests/unit $(PYTEST_ARGS)
 
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+chaos: $(STAMP) system-deps
+	$(BIN)/python -m controlplane.testing.chaos --schedules $(SCHEDULES) --seed $(SEED) \
+		--agents $(AGENTS) --backend $(BACKEND) --duration $(DURATION) --out $(CHAOS_OUT) --quiet $(CHAOS_ARGS)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis chaos-out

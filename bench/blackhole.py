@@ -76,8 +76,12 @@ async def trial(
     assert cluster.mesh is not None
     victim = next(a.id for a in cluster.agents.values() if a.region == region)
     await settle(cluster, base)
-    if want_leader and not await make_leader(cluster, victim):
-        want_leader = False
+    if want_leader:
+        await make_leader(cluster, victim)
+    elif await leader_of(cluster) == victim:
+        # A follower trial: hand leadership to another agent first.
+        other = next(a.id for a in cluster.agents.values() if a.id != victim)
+        await make_leader(cluster, other)
     was_leader = await leader_of(cluster) == victim
     revision = await settle(cluster, base)
     survivors = {a.id: a.url for a in cluster.agents.values() if a.id != victim}

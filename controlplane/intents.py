@@ -89,3 +89,13 @@ def remove_intent(standing: Mapping[str, Intent], intent_id: str) -> dict[str, I
 def ordered(standing: Mapping[str, Intent]) -> list[Intent]:
     """Standing intents oldest first (by commit order)."""
     return sorted(standing.values(), key=lambda i: (i.seq, i.id))
+
+
+def expired(standing: Mapping[str, Intent], now: float) -> list[Intent]:
+    """Standing intents whose `expires_at` has passed at `now` (cluster time), oldest first."""
+    return [i for i in ordered(standing) if i.expired(now)]
+
+
+def active(standing: Mapping[str, Intent], now: float) -> dict[str, Intent]:
+    """The standing intents that have not expired at `now`."""
+    return {k: i for k, i in standing.items() if not i.expired(now)}

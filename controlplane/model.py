@@ -124,6 +124,9 @@ class Intent(Record):
     (service None means every service), `from_region`/`to_region`/`service` for
     failover, `service`/`weights` for override, `feature`/`enabled` for feature.
     `seq` is assigned by the store when the intent is committed and orders intents.
+    `expires_at` (cluster time), when set, is when the intent stops by itself: the leader
+    removes it then, as if an operator had (`who` "expiry"), so a drain or a drill with
+    an end comes back even if the operator, their terminal and cpctl are gone.
     """
 
     id: str
@@ -139,6 +142,10 @@ class Intent(Record):
     weights: Mapping[str, int] | None = None
     feature: str | None = None
     enabled: bool | None = None
+    expires_at: float | None = None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
 
     def describe(self) -> str:
         """A short human sentence, used in reasons and history."""
@@ -155,7 +162,10 @@ class Intent(Record):
                 what = f"feature {self.feature} {'on' if self.enabled else 'off'}"
             case _:
                 what = str(self.kind)
-        return f"{what} by {self.who} ({self.reason})"
+        until = ""
+        if self.expires_at is not None:
+            until = f" until {iso_time(self.expires_at)}"
+        return f"{what}{until} by {self.who} ({self.reason})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +337,8 @@ def flags_of(decision: Decision) -> dict[str, bool | float]:
 # JSON shapes (DESIGN.md "Shapes"): the API, the stores and the CLI share these.
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """A Unix time as ISO 8601 UTC with milliseconds, as every JSON shape writes it."""
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -335,7 +346,7 @@ def decision_to_json(decision: Decision) -> dict[str, Any]:
     return {
         "revision": decision.revision,
         "term": decision.term,
-        "committed_at": _iso(decision.committed_at),
+        "committed_at": iso_time(decision.committed_at),
         "committed_at_unix": decision.committed_at,
         "leader": decision.leader,
         "panic": decision.panic,
@@ -441,7 +452,7 @@ def intent_to_json(i: Intent) -> dict[str, Any]:
         "created_at": i.created_at,
         "seq": i.seq,
     }
-    for name in ("region", "service", "feature", "enabled"):
+    for name in ("region", "service", "feature", "enabled", "expires_at"):
         value = getattr(i, name)
         if value is not None:
             out[name] = value
@@ -470,4 +481,5 @@ def intent_from_json(data: Mapping[str, Any]) -> Intent:
         weights=None if weights is None else {str(k): int(v) for k, v in weights.items()},
         feature=data.get("feature"),
         enabled=data.get("enabled"),
+        expires_at=None if data.get("expires_at") is None else float(data["expires_at"]),
     )

@@ -16,7 +16,7 @@ from dataclasses import replace
 from controlplane.decide import decide
 from controlplane.decide.verdicts import is_fresh
 from controlplane.errors import NotFound, Rejected, Unsafe
-from controlplane.intents import apply_intent
+from controlplane.intents import active, apply_intent
 from controlplane.model import Decision, Intent, IntentKind, Observation, Policy, State
 from controlplane.state import ControlState
 
@@ -95,7 +95,7 @@ def plan(
     Raises `Rejected` when an intent could not be applied (for example an undrain of a
     region that is not drained). Commits nothing.
     """
-    standing: Mapping[str, Intent] = state.intents
+    standing: Mapping[str, Intent] = active(state.intents, now)
     seq = state.intent_seq
     for intent in intents:
         seq += 1

@@ -19,8 +19,9 @@ from dataclasses import replace
 from controlplane.agent.node import Node
 from controlplane.decide import decide
 from controlplane.decide.verdicts import is_fresh, quorum_for
-from controlplane.errors import Conflict, NotLeader, StoreError
-from controlplane.model import Decision, Observation, State
+from controlplane.errors import Conflict, NotFound, NotLeader, StoreError
+from controlplane.intents import expired
+from controlplane.model import Decision, Intent, Observation, State, iso_time
 from controlplane.probes import Prober
 from controlplane.state import ControlState
 
@@ -85,6 +86,11 @@ async def decide_once(node: Node, state: ControlState) -> Decision | None:
     now = node.cluster_now()
     if now is None:
         return None
+    ended = expired(state.intents, now)
+    if ended:
+        # The removal is the change; the decision follows from the state it leaves.
+        await expire_intents(node, ended)
+        return None
     decision = decide(
         node.settings.policy,
         state.observations.values(),
@@ -114,6 +120,24 @@ async def decide_once(node: Node, state: ControlState) -> Decision | None:
         "; ".join(committed.reasons) or "all regions serving",
     )
     return committed
+
+
+async def expire_intents(node: Node, ended: list[Intent]) -> None:
+    """Remove intents whose time is up, as an operator would (`who` "expiry")."""
+    for intent in ended:
+        assert intent.expires_at is not None
+        reason = f"its time ran out at {iso_time(intent.expires_at)}"
+        try:
+            await node.store.delete_intent(intent.id, who="expiry", reason=reason)
+        except NotFound:
+            continue  # removed meanwhile by an operator
+        except (Conflict, NotLeader) as e:
+            log.debug("expiry of intent %s not committed: %s", intent.id, e)
+            return
+        except StoreError as e:
+            log.warning("expiry of intent %s not committed: %s", intent.id, e)
+            return
+        log.info("intent %s expired: %s", intent.id, intent.describe())
 
 
 async def decide_loop(node: Node, tick_s: float) -> None:

@@ -34,14 +34,16 @@ from controlplane.access import Scope
 from controlplane.api.auth import require
 from controlplane.api.common import NODE, json_response, read_body
 from controlplane.api.read import position
+from controlplane.errors import Rejected
 from controlplane.model import Decision, flags_of
 
 
-class _BadRequest(Exception):
+class _BadRequest(Rejected):
+    """A request OFREP answers 400 with its own error code (`PARSE_ERROR`, `INVALID_CONTEXT`)."""
+
     def __init__(self, code: str, detail: str) -> None:
-        super().__init__(detail)
+        super().__init__(detail, detail)
         self.code = code
-        self.detail = detail
 
 
 def _context_of(body: bytes) -> dict[str, Any]:

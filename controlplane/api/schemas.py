@@ -46,7 +46,16 @@ class _Body(BaseModel):
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")] | None = None
 
 
-class DrainBody(_Body):
+# The longest an intent may be given to stand by itself (30 days).
+MAX_FOR_S = 30 * 86400.0
+
+
+class _StandingBody(_Body):
+    # Seconds this intent stands before it ends by itself (removed by "expiry").
+    for_s: Annotated[float, Field(gt=0, le=MAX_FOR_S)] | None = None
+
+
+class DrainBody(_StandingBody):
     kind: Literal["drain"]
     region: NameStr
     service: NameStr | None = None
@@ -58,7 +67,7 @@ class UndrainBody(_Body):
     service: NameStr | None = None
 
 
-class FailoverBody(_Body):
+class FailoverBody(_StandingBody):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
     kind: Literal["failover"]
@@ -67,19 +76,19 @@ class FailoverBody(_Body):
     service: NameStr | None = None
 
 
-class OverrideBody(_Body):
+class OverrideBody(_StandingBody):
     kind: Literal["override"]
     service: NameStr
     weights: Annotated[dict[NameStr, Annotated[int, Field(ge=0, le=100)]], Field(min_length=1, max_length=64)]
 
 
-class FeatureBody(_Body):
+class FeatureBody(_StandingBody):
     kind: Literal["feature"]
     name: NameStr
     enabled: bool
 
 
-class FreezeBody(_Body):
+class FreezeBody(_StandingBody):
     kind: Literal["freeze"]
 
 
@@ -186,6 +195,7 @@ class IntentOut(BaseModel):
     from_: str | None = Field(default=None, alias="from")
     to: str | None = None
     weights: dict[str, int] | None = None
+    expires_at: float | None = None
 
 
 class IntentsOut(BaseModel):

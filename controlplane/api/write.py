@@ -87,6 +87,7 @@ def to_intent(body: Any, who: str, now: float) -> Intent:
         reason=body.reason,
         who=who,
         created_at=now,
+        expires_at=None if getattr(body, "for_s", None) is None else now + body.for_s,
         **fields,
     )
 

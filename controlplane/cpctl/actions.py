@@ -12,6 +12,7 @@ forgot --yes gets a usage error at once instead of hanging on a prompt nobody se
 
 from __future__ import annotations
 
+import re
 import secrets
 import sys
 import time
@@ -44,6 +45,47 @@ def action_options(f: F) -> F:
         help="Why: recorded with the change and shown in history.",
     )(f)
     return f
+
+
+DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from `90`, `90s`, `30m`, `2h`, `1d` or `1h30m`; `ValueError` otherwise."""
+    text = text.strip().lower()
+    if not text:
+        raise ValueError("empty duration")
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise ValueError(f"expected a duration such as 90s, 30m, 2h or 1h30m (got {text!r})")
+    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+
+
+def _keep_for(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    if value is None:
+        return
+    try:
+        seconds = parse_duration(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+    if seconds <= 0:
+        raise click.BadParameter("must be longer than 0 s", ctx, param)
+    ctx.meta["for_s"] = seconds
+
+
+def standing_options(f: F) -> F:
+    """--for: the intent ends by itself after this long (kept for `run_action`)."""
+    return click.option(
+        "--for",
+        "for_",
+        metavar="DURATION",
+        expose_value=False,
+        callback=_keep_for,
+        help="End by itself after this long (90s, 30m, 2h, 1d): the agents remove it then, "
+        "even if this terminal is gone. Default: stands until removed.",
+    )(f)
 
 
 def stdin_is_terminal() -> bool:
@@ -89,6 +131,10 @@ def wait_served(client: Client, seq: int, revision: int | None) -> tuple[dict[st
 def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, dry_run: bool) -> None:
     """Plan, show, confirm, commit, wait until served, show (see the module docstring)."""
     require_terminal_or_yes(yes, dry_run)
+    for_s = click.get_current_context().meta.get("for_s")
+    if for_s is not None:
+        body = {**body, "for_s": for_s}
+        what = f"{what} for {render.ago(for_s)}"
     client = settings.client()
     before = current_decision(client)
     planned = client.post("/v1/plan", {"intents": [body]}, idempotent=True).body
@@ -159,6 +205,7 @@ def scope(region: str, service: str | None) -> str:
 @click.option(
     "-s", "--service", metavar="SERVICE", help="Drain only this service. Default: every service in REGION."
 )
+@standing_options
 @action_options
 @pass_settings
 def drain(
@@ -208,6 +255,7 @@ def undrain(
 @click.option(
     "-s", "--service", metavar="SERVICE", help="Fail over only this service. Default: every service."
 )
+@standing_options
 @action_options
 @pass_settings
 def failover(
@@ -260,6 +308,7 @@ def parse_weights(ctx: click.Context, param: click.Parameter, value: str | None)
     callback=parse_weights,
     help="The weights, summing to 100; a region left out gets 0.",
 )
+@standing_options
 @action_options
 @pass_settings
 def override(
@@ -284,6 +333,7 @@ feature = subgroup(cli, "feature", "Act", "Switch a feature off or on for every 
 
 @command(feature, "disable", section="Act")
 @click.argument("name")
+@standing_options
 @action_options
 @pass_settings
 def feature_disable(settings: Settings, name: str, reason: str, yes: bool, dry_run: bool) -> None:
@@ -301,6 +351,7 @@ def feature_disable(settings: Settings, name: str, reason: str, yes: bool, dry_r
 
 @command(feature, "enable", section="Act")
 @click.argument("name")
+@standing_options
 @action_options
 @pass_settings
 def feature_enable(settings: Settings, name: str, reason: str, yes: bool, dry_run: bool) -> None:
@@ -314,6 +365,7 @@ def feature_enable(settings: Settings, name: str, reason: str, yes: bool, dry_ru
 
 
 @command(cli, "freeze", section="Act")
+@standing_options
 @action_options
 @pass_settings
 def freeze(settings: Settings, reason: str, yes: bool, dry_run: bool) -> None:

@@ -294,16 +294,18 @@ def intents(body: Json, now: float) -> RenderableType:
     if not standing:
         return Text("no standing intents: automation decides everything", style="dim")
     table = Table(header_style="bold", title=f"{len(standing)} standing intent(s)", title_justify="left")
-    for column in ("id", "kind", "target", "who", "age", "reason"):
+    for column in ("id", "kind", "target", "who", "age", "ends", "reason"):
         table.add_column(column, no_wrap=column == "id")
     for i in standing:
         created = i.get("created_at")
+        expires = i.get("expires_at")
         table.add_row(
             str(i.get("id")),
             str(i.get("kind")),
             intent_target(i),
             str(i.get("who")),
             ago(now - float(created)) if isinstance(created, int | float) else "-",
+            f"in {ago(float(expires) - now)}" if isinstance(expires, int | float) else "when removed",
             str(i.get("reason")),
         )
     return table

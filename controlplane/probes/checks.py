@@ -67,7 +67,9 @@ async def check_http(session: aiohttp.ClientSession, target: ProbeTarget) -> Pro
                 return failed(f"HTTP {status}")
             utilization = None
             if _is_json(response.content_type):
-                body = await _read_bounded(response.content, MAX_BODY_BYTES)
+                body = await read_bounded(response.content, MAX_BODY_BYTES)
+                if body is None:
+                    raise _BadBody(f"body over {MAX_BODY_BYTES // 1024} KiB")
                 utilization = _utilization_of(body)
     except _BadBody as exc:
         return failed(str(exc))
@@ -125,7 +127,8 @@ def _is_json(content_type: str) -> bool:
     return content_type == "application/json" or content_type.endswith("+json")
 
 
-async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
+async def read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes | None:
+    """The whole body, or None as soon as it is over `limit` bytes (the rest is not read)."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -134,7 +137,7 @@ async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
             return b"".join(chunks)
         size += len(chunk)
         if size > limit:
-            raise _BadBody(f"body over {limit // 1024} KiB")
+            return None
         chunks.append(chunk)
 
 

@@ -41,6 +41,8 @@ from typing import Any
 import aiohttp
 import orjson
 
+from controlplane.errors import ProbeError
+from controlplane.probes.checks import read_bounded
 from controlplane.probes.target import ProbeResult, ProbeTarget, PrometheusProbe
 
 MAX_ANSWER_BYTES = 256 * 1024
@@ -55,11 +57,11 @@ UNREACHABLE = "prometheus unreachable: inconclusive"
 EMPTY = "prometheus: empty answer: inconclusive"
 
 
-class _Unreachable(Exception):
+class _Unreachable(ProbeError):
     """This server gave no usable answer; the next one may."""
 
 
-class _Rejected(Exception):
+class _Rejected(ProbeError):
     """The server answered, but with an error about the query: another server would too."""
 
 
@@ -233,7 +235,9 @@ class PrometheusCheck:
                     timeout=aiohttp.ClientTimeout(total=budget_s),
                 ) as response,
             ):
-                body = await _read_bounded(response.content, MAX_ANSWER_BYTES)
+                body = await read_bounded(response.content, MAX_ANSWER_BYTES)
+                if body is None:
+                    raise _Unreachable(f"answer over {MAX_ANSWER_BYTES // 1024} KiB")
                 status = response.status
         except TimeoutError:
             raise _Unreachable("timeout") from None
@@ -245,16 +249,3 @@ class PrometheusCheck:
         if status != 200:
             raise _Unreachable(f"HTTP {status}")
         return answer
-
-
-async def _read_bounded(stream: aiohttp.StreamReader, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = await stream.read(limit + 1 - size)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > limit:
-            raise _Unreachable(f"answer over {limit // 1024} KiB")
-        chunks.append(chunk)

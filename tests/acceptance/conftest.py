@@ -285,21 +285,30 @@ async def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
             assert not critical, "CRITICAL in agent logs:\n" + "\n".join(critical[:20])
 
 
-_MEASUREMENTS: list[str] = []
-
-
 @pytest.fixture
 def measure(request: pytest.FixtureRequest) -> Callable[[str], None]:
-    """Record a line (a duration worth knowing) for the summary at the end of the run."""
+    """Record a line (a duration worth knowing) for the summary at the end of the run.
+
+    Kept in the test's report (`user_properties`), so the lines reach the summary from
+    pytest-xdist's worker processes too.
+    """
 
     def record(text: str) -> None:
-        _MEASUREMENTS.append(f"{request.node.name}: {text}")
+        request.node.user_properties.append(("measurement", f"{request.node.name}: {text}"))
 
     return record
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    if _MEASUREMENTS:
+    lines = [
+        value
+        for reports in terminalreporter.stats.values()
+        for report in reports
+        if getattr(report, "when", None) == "teardown"
+        for key, value in getattr(report, "user_properties", ())
+        if key == "measurement"
+    ]
+    if lines:
         terminalreporter.section("acceptance measurements")
-        for line in _MEASUREMENTS:
+        for line in lines:
             terminalreporter.write_line(line)

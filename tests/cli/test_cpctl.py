@@ -39,14 +39,14 @@ COMMANDS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("observations",): (),
     ("watch",): ("--count",),
     ("plan",): ("--fail",),
-    ("drain",): ("REGION", "--service", *ACTION_OPTIONS),
+    ("drain",): ("REGION", "--service", *ACTION_OPTIONS, "--for"),
     ("undrain",): ("REGION", "--service", *ACTION_OPTIONS),
-    ("failover",): ("--from", "--to", "--service", *ACTION_OPTIONS),
-    ("override",): ("--service", "--weights", *ACTION_OPTIONS),
+    ("failover",): ("--from", "--to", "--service", *ACTION_OPTIONS, "--for"),
+    ("override",): ("--service", "--weights", *ACTION_OPTIONS, "--for"),
     ("feature",): ("disable", "enable"),
-    ("feature", "disable"): ("NAME", *ACTION_OPTIONS),
-    ("feature", "enable"): ("NAME", *ACTION_OPTIONS),
-    ("freeze",): ACTION_OPTIONS,
+    ("feature", "disable"): ("NAME", *ACTION_OPTIONS, "--for"),
+    ("feature", "enable"): ("NAME", *ACTION_OPTIONS, "--for"),
+    ("freeze",): (*ACTION_OPTIONS, "--for"),
     ("unfreeze",): ACTION_OPTIONS,
     ("intent",): ("rm",),
     ("intent", "rm"): ("ID", *ACTION_OPTIONS),
@@ -115,6 +115,8 @@ def test_every_command_has_help_that_names_its_options() -> None:
             "REGION=WEIGHT",
         ),
         (("watch", "--count", "0"), "--count"),
+        (("drain", "cn-east", "--reason", "x", "--for", "soon"), "--for"),
+        (("drain", "cn-east", "--reason", "x", "--for", "0s"), "--for"),
         (("--endpoint", "not a url:x", "status"), "bad endpoint"),
         (("--timeout", "0", "status"), "--timeout"),
     ],
@@ -257,6 +259,25 @@ def test_drain_takes_the_region_out_everywhere_and_undrain_gives_it_back(restore
 
 
 @pytest.mark.acceptance
+def test_a_drain_for_a_while_ends_by_itself_without_cpctl(restored: Live) -> None:
+    live = restored
+    result = live.cpctl_json(
+        "drain", "cn-east", "--service", "order", "--reason", "cli test: for", "--for", "2s", "--yes"
+    )
+    assert result["in_force"] is True
+    assert result["decision"]["services"]["order"]["cn-east"]["state"] == "drained"
+    (standing,) = live.get(live.ids[1], "/v1/intents")["intents"]
+    assert standing["expires_at"] - standing["created_at"] == pytest.approx(2.0, abs=0.01)
+    # cpctl has exited: the agents end the drain at its time.
+    live.wait_all(
+        lambda d: d["services"]["order"]["cn-east"]["state"] != "drained",
+        "cn-east/order no longer drained on every agent",
+    )
+    assert live.get(live.ids[2], "/v1/intents")["intents"] == []
+    entries = live.get(live.ids[0], "/v1/history")["entries"]
+    assert any(e["kind"] == "intent-removed" and e["who"] == "expiry" for e in entries), entries[-3:]
+
+
 def test_failover_moves_one_service_only(restored: Live) -> None:
     live = restored
     base = {

@@ -35,7 +35,8 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
-from tests.cli.conftest import Live, cli_config
+# The same live cluster as the cpctl tests: one per module, put back after each test.
+from tests.cli.conftest import Live, cli_config, live, restored  # noqa: F401 (fixtures)
 
 ARTIFACTS = Path(os.environ.get("CONTROLPLANE_UI_ARTIFACTS", Path(__file__).parent / "artifacts"))
 WAIT_S = 30.0  # generous: the machine is shared; nothing asserts on it except as a bound
@@ -189,26 +190,3 @@ def browser() -> Iterator[Browser]:
         shutil.rmtree(profile, ignore_errors=True)
         with contextlib.suppress(OSError):
             log.unlink()
-
-
-@pytest.fixture(scope="module")
-def live(request: pytest.FixtureRequest) -> Iterator[Live]:
-    cluster = Live(cli_config())
-    failed_before = request.session.testsfailed
-    try:
-        cluster.start()
-        yield cluster
-    except BaseException:
-        print(cluster.logs())
-        raise
-    finally:
-        if request.session.testsfailed > failed_before:
-            print(cluster.logs())
-        cluster.stop()
-
-
-@pytest.fixture
-def restored(live: Live) -> Iterator[Live]:
-    """The cluster, put back at its baseline after the test (pass or fail)."""
-    yield live
-    live.restore()

@@ -1,0 +1,5 @@
+import sys
+
+from controlplane.testing.chaos.cli import main
+
+sys.exit(main())
