@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import signal
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,16 +19,47 @@ from controlplane.errors import ConfigError
 log = logging.getLogger("controlplane")
 
 
-def setup_logging(level: str, agent_id: str = "") -> None:
+def setup_logging(level: str, agent_id: str = "", log_format: str = "text", region: str = "") -> None:
+    """Log to stderr: text for a terminal, or one JSON object per line (`json`)."""
     prefix = f"{agent_id} " if agent_id else ""
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)-7s {prefix}%(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter(agent=agent_id, region=region))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)-7s {prefix}%(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
     # aiohttp's access log is off; its client logs nothing useful at INFO.
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
     logging.getLogger("pysyncobj").addFilter(_ResentEntriesFilter())
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, agent, region, message, and the
+    structured fields a record carries (`extra={"audit": {...}}` on the audit log;
+    `revision` and `term` where a record has them)."""
+
+    def __init__(self, agent: str = "", region: str = "") -> None:
+        super().__init__()
+        self.agent, self.region = agent, region
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "agent": self.agent or None,
+            "region": self.region or None,
+            "msg": record.getMessage(),
+        }
+        for key in ("revision", "term"):
+            if key in record.__dict__:
+                out[key] = record.__dict__[key]
+        audit = record.__dict__.get("audit")
+        if isinstance(audit, dict):
+            out.update({k: v for k, v in audit.items() if k not in out})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps({k: v for k, v in out.items() if v is not None}, default=str)
 
 
 class _ResentEntriesFilter(logging.Filter):
@@ -75,7 +109,26 @@ def main() -> None:
 )
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=Path), help="Default: data_dir/<id>.")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None)
-def agent(config_path: str, agent_id: str | None, data_dir: Path | None, log_level: str | None) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line (agent, region, level, logger, msg, and audit fields).",
+)
+@click.option(
+    "--exit-with-parent",
+    is_flag=True,
+    help="Stop when the process that started this agent is gone (for demos and harnesses).",
+)
+def agent(
+    config_path: str,
+    agent_id: str | None,
+    data_dir: Path | None,
+    log_level: str | None,
+    log_format: str,
+    exit_with_parent: bool,
+) -> None:
     """Run one agent until SIGTERM or SIGINT."""
     from controlplane.config import load_settings
     from controlplane.daemon import resolve_agent_id, run_agent
@@ -87,10 +140,13 @@ def agent(config_path: str, agent_id: str | None, data_dir: Path | None, log_lev
     except ConfigError as e:
         fail_config(e, config_path)
         return
-    setup_logging(log_level or settings.model.log_level, agent_id)
+    setup_logging(
+        log_level or settings.model.log_level, agent_id, log_format, settings.agent(agent_id).region
+    )
     data_dir = data_dir or settings.model.data_dir / agent_id
+    parent = os.getppid() if exit_with_parent else None
     try:
-        run(run_agent(settings, agent_id, data_dir))
+        run(run_agent(settings, agent_id, data_dir, parent_pid=parent, config_path=Path(config_path)))
     except ConfigError as e:
         fail_config(e, config_path)
     except TaskFailed as e:
@@ -122,13 +178,15 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
     when it is installed.
     """
     from controlplane.config import load_settings
-    from controlplane.daemon import resolve_tokens
+    from controlplane.daemon import preflight
     from controlplane.probes import promtool as promtool_check
 
+    tokens = None
     try:
         s = load_settings(config_path)
-        if not no_secrets:
-            resolve_tokens(s)
+        # The agent's own checks, shared: what passes here starts (secrets aside).
+        resolved, _ = preflight(s, secrets=not no_secrets)
+        tokens = None if no_secrets else resolved
     except ConfigError as e:
         fail_config(e, config_path)
         return
@@ -147,7 +205,12 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
                 fail_config(ConfigError(problems), config_path)
                 return
             click.echo(f"{config_path}: {len(found)} PromQL queries parsed by {binary}")
-    secrets = "not checked" if no_secrets else "resolved and strong"
+    if tokens is None:
+        secrets = "not checked"
+    else:
+        named = ", ".join(f"{t.name} ({t.scope})" for t in tokens.entries) or "none: writes disabled"
+        reads = "open" if tokens.reads_open else "need a token"
+        secrets = f"resolved and strong (tokens: {named}; reads {reads})"
     click.echo(
         f"{config_path}: ok: {len(s.cluster.agents)} agents, {len(s.policy.regions)} regions, "
         f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, secrets {secrets}"

@@ -17,22 +17,24 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
+from controlplane.addresses import split_host_port, url_problem
 from controlplane.errors import ConfigError
 from controlplane.model import SHED_FRACTION_FLAG, FeatureSpec, Policy, RegionSpec
 from controlplane.promql import check_query, parse_condition
 
 NAME = r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$"
 Name = Annotated[str, Field(pattern=NAME)]
-PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Fraction = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+PositiveFloat = Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)]
+Fraction = Annotated[float, Strict(), Field(ge=0, le=1, allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -40,9 +42,7 @@ class _Strict(BaseModel):
 
 
 def _host_port(value: str) -> str:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("must be host:port with a port between 1 and 65535")
+    split_host_port(value)  # ValueError naming what is wrong
     return value
 
 
@@ -133,13 +133,11 @@ class ClusterConfig(_Strict):
         return v
 
 
-HTTP_URL = r"^https?://[^/\s]+(/\S*)?$"
-
-
 def _server_urls(v: tuple[str, ...]) -> tuple[str, ...]:
     for url in v:
-        if not re.match(HTTP_URL, url):
-            raise ValueError(f"must be http://host:port or https://host:port/prefix (got {url!r})")
+        problem = url_problem(url, ("http", "https"))
+        if problem:
+            raise ValueError(f"{problem} (got {_fmt_value(url)})")
     if len(set(v)) != len(v):
         raise ValueError("lists a server twice")
     return v
@@ -159,10 +157,10 @@ class PrometheusDefaults(_Strict):
 class ProbeDefaults(_Strict):
     interval_s: PositiveFloat = 1.0
     timeout_s: PositiveFloat = 0.8
-    rise: Annotated[int, Field(ge=1, le=100)] = 2
-    fall: Annotated[int, Field(ge=1, le=100)] = 3
-    expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] = ()
-    max_concurrency: Annotated[int, Field(ge=1, le=10_000)] = 64
+    rise: Annotated[int, Strict(), Field(ge=1, le=100)] = 2
+    fall: Annotated[int, Strict(), Field(ge=1, le=100)] = 3
+    expect_status: tuple[Annotated[int, Strict(), Field(ge=100, le=599)], ...] = ()
+    max_concurrency: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 64
     prometheus: PrometheusDefaults = PrometheusDefaults()
 
 
@@ -188,7 +186,7 @@ class PromDownConfig(PromQueryConfig):
     """Down when the query's value meets `when` (`== 0`, `> 0.05`) for `for_s` seconds."""
 
     when: str
-    for_s: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = 0.0
+    for_s: Annotated[float, Strict(), Field(ge=0, le=3600, allow_inf_nan=False)] = 0.0
     # How reasons name the rule ("error ratio"); the query itself when not given.
     name: Annotated[str, Field(min_length=1, max_length=80)] | None = None
 
@@ -223,19 +221,22 @@ class TargetConfig(_Strict):
     prometheus: PrometheusTargetConfig | None = None
     interval_s: PositiveFloat | None = None
     timeout_s: PositiveFloat | None = None
-    rise: Annotated[int, Field(ge=1, le=100)] | None = None
-    fall: Annotated[int, Field(ge=1, le=100)] | None = None
-    expect_status: tuple[Annotated[int, Field(ge=100, le=599)], ...] | None = None
+    rise: Annotated[int, Strict(), Field(ge=1, le=100)] | None = None
+    fall: Annotated[int, Strict(), Field(ge=1, le=100)] | None = None
+    expect_status: tuple[Annotated[int, Strict(), Field(ge=100, le=599)], ...] | None = None
 
     @field_validator("url")
     @classmethod
     def _url(cls, v: str | None) -> str | None:
-        if v is None or re.match(HTTP_URL, v):
+        if v is None:
             return v
         if v.startswith("tcp://"):
             _host_port(v.removeprefix("tcp://"))
             return v
-        raise ValueError("must be http://host:port/path, https://... or tcp://host:port")
+        problem = url_problem(v, ("http", "https"))
+        if problem:
+            raise ValueError(f"{problem}; or tcp://host:port")
+        return v
 
     @model_validator(mode="after")
     def _one_kind(self) -> TargetConfig:
@@ -291,16 +292,16 @@ class RegionConfig(_Strict):
 
 
 class PolicyConfig(_Strict):
-    observer_quorum: Annotated[int, Field(ge=1)] | None = None
+    observer_quorum: Annotated[int, Strict(), Field(ge=1)] | None = None
     observation_ttl_s: PositiveFloat = 10.0
-    min_healthy_regions: Annotated[int, Field(ge=1)] = 1
+    min_healthy_regions: Annotated[int, Strict(), Field(ge=1)] = 1
     # Panic when fewer regions than this would serve a service (1: when none would).
-    panic_below: Annotated[int, Field(ge=1)] = 1
+    panic_below: Annotated[int, Strict(), Field(ge=1)] = 1
     # DOWN verdicts this close to the decision entering panic are one correlated fault;
     # by default the slowest target's interval_s + timeout_s (see decide/panic.py).
     panic_correlation_s: PositiveFloat | None = None
-    recovery_hold_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 30.0
-    ramp_steps: Annotated[tuple[Annotated[float, Field(gt=0, le=1)], ...], Field(min_length=1)] = (
+    recovery_hold_s: Annotated[float, Strict(), Field(ge=0, allow_inf_nan=False)] = 30.0
+    ramp_steps: Annotated[tuple[Annotated[float, Strict(), Field(gt=0, le=1)], ...], Field(min_length=1)] = (
         0.25,
         0.5,
         1.0,
@@ -308,11 +309,11 @@ class PolicyConfig(_Strict):
     ramp_step_s: PositiveFloat = 10.0
     failover_budget_s: PositiveFloat = 30.0
     slow_ms: PositiveFloat = 1000.0
-    utilization_high: Annotated[float, Field(gt=0, le=1)] = 0.8
-    degraded_factor: Annotated[float, Field(gt=0, le=1)] = 0.5
-    restore_margin: Annotated[float, Field(ge=0, le=1)] = 0.1
+    utilization_high: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.8
+    degraded_factor: Annotated[float, Strict(), Field(gt=0, le=1)] = 0.5
+    restore_margin: Annotated[float, Strict(), Field(ge=0, le=1)] = 0.1
     # A degraded region is restored only below slow_ms (and utilization_high) x (1 - this).
-    degraded_margin: Annotated[float, Field(ge=0, lt=1)] = 0.2
+    degraded_margin: Annotated[float, Strict(), Field(ge=0, lt=1)] = 0.2
     demand_rps: dict[Name, PositiveFloat] = {}
 
     @field_validator("ramp_steps")
@@ -324,21 +325,53 @@ class PolicyConfig(_Strict):
 
 
 class FeatureConfig(_Strict):
-    level: Annotated[int, Field(ge=1, le=10)]
+    level: Annotated[int, Strict(), Field(ge=1, le=10)]
     saves: Fraction = 0.0
     services: tuple[Name, ...] = ()
 
 
+class TokenConfig(_Strict):
+    """One named bearer token: `name` is recorded as "who"; `scope` is what it may do."""
+
+    name: Name
+    scope: Literal["read", "lb", "operate", "admin"]
+    secret: SecretRef
+
+
 class AuthConfig(_Strict):
+    """Bearer tokens. `tokens` are named, each with a scope (see `controlplane.access`).
+
+    `admin_token` and `read_token` are the legacy single tokens, kept as tokens named
+    `admin` (scope admin) and `read` (scope read). `admin_token` defaults to the
+    environment variable CONTROLPLANE_ADMIN_TOKEN only when `tokens` is not given.
+    `open_reads`: whether reads need no token; by default they do not unless a token of
+    scope `read` is configured.
+    """
+
     admin_token: SecretRef | None = SecretRef(env="CONTROLPLANE_ADMIN_TOKEN")
     read_token: SecretRef | None = None
+    tokens: Annotated[tuple[TokenConfig, ...], Field(max_length=1000)] = ()
+    open_reads: Annotated[bool, Strict()] | None = None
+
+    @model_validator(mode="after")
+    def _no_default_admin_with_named_tokens(self) -> AuthConfig:
+        if self.tokens and "admin_token" not in self.model_fields_set:
+            object.__setattr__(self, "admin_token", None)
+        return self
 
 
 class ApiConfig(_Strict):
-    max_body_bytes: Annotated[int, Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
-    max_watchers: Annotated[int, Field(ge=1, le=100_000)] = 20_000
-    max_wait_s: Annotated[float, Field(gt=0, le=600)] = 300.0
-    history_page_max: Annotated[int, Field(ge=1, le=10_000)] = 500
+    max_body_bytes: Annotated[int, Strict(), Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
+    max_watchers: Annotated[int, Strict(), Field(ge=1, le=100_000)] = 20_000
+    # Open connections at most; by default 25000 or what the open-file limit allows
+    # (see api/server.py). Watchers live inside it.
+    max_connections: Annotated[int, Strict(), Field(ge=32, le=1_000_000)] | None = None
+    # A connection must send a whole request head this soon after it opens (and after
+    # each answer, when kept alive), and a request body this soon after its head.
+    header_timeout_s: Annotated[float, Strict(), Field(gt=0, le=300)] = 10.0
+    body_timeout_s: Annotated[float, Strict(), Field(gt=0, le=300)] = 10.0
+    max_wait_s: Annotated[float, Strict(), Field(gt=0, le=600)] = 300.0
+    history_page_max: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 500
 
 
 class RaftConfig(_Strict):
@@ -349,7 +382,7 @@ class RaftConfig(_Strict):
     # How long after its last confirmation a member still calls its decision fresh.
     fresh_window_s: PositiveFloat = 1.0
     # A snapshot (and a shorter journal) after this many entries since the last one.
-    snapshot_entries: Annotated[int, Field(ge=10, le=10_000_000)] = 5000
+    snapshot_entries: Annotated[int, Strict(), Field(ge=10, le=10_000_000)] = 5000
 
 
 class TlsConfig(_Strict):
@@ -361,7 +394,7 @@ class TlsConfig(_Strict):
 class EtcdConfig(_Strict):
     endpoints: Annotated[tuple[str, ...], Field(min_length=1)]
     prefix: str = Field(default="/controlplane", pattern=r"^/[A-Za-z0-9/_.-]*$")
-    lease_ttl_s: Annotated[int, Field(ge=2, le=300)] = 5
+    lease_ttl_s: Annotated[int, Strict(), Field(ge=2, le=300)] = 5
     timeout_s: PositiveFloat = 3.0
     tls: TlsConfig | None = None
     username: str | None = None
@@ -435,8 +468,15 @@ def _fmt_loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 60
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = 4
+_SHORT.maxlevel = 2
+
+
 def _fmt_value(value: Any) -> str:
-    text = repr(value)
+    """A short repr of what was found: bounded work and length, whatever the input."""
+    text = _SHORT.repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
 
@@ -485,8 +525,8 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"cluster.agents[{i}].region: not a region in regions (got {region!r})")
         for key, first in seen.items():
             value = agent.get(key)
-            if value is None:
-                continue
+            if not isinstance(value, str | int | float):
+                continue  # missing or not a value: the structure check reports it
             if value in first:
                 problems.append(
                     f"cluster.agents[{i}].{key}: same as cluster.agents[{first[value]}] (got {value!r})"
@@ -494,7 +534,13 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
             else:
                 first[value] = i
 
-    ids = {mapping(a).get("id") for a in agents} if isinstance(agents, list) else set()
+    problems.extend(_check_listen_addresses(agents if isinstance(agents, list) else []))
+
+    ids: set[str] = set()
+    for agent in agents if isinstance(agents, list) else []:
+        agent_id = mapping(agent).get("id")
+        if isinstance(agent_id, str):
+            ids.add(agent_id)
     for member in mapping(mapping(raw.get("cluster")).get("dial")):
         if ids and member not in ids:
             problems.append(f"cluster.dial.{member}: not an agent id in cluster.agents (got {member!r})")
@@ -549,6 +595,8 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
                 f"{service} or in none (got none here, but {', '.join(with_weight)} set one)"
             )
 
+    problems.extend(_check_token_names(mapping(raw.get("auth"))))
+
     backend = mapping(raw.get("backend"))
     if backend.get("kind") == "etcd" and backend.get("etcd") is None:
         problems.append("backend.etcd: required when backend.kind is etcd (got nothing)")
@@ -565,6 +613,64 @@ def _cross_check(raw: Mapping[str, Any]) -> list[str]:
             )
         if lo <= 3 * hb:
             problems.append(f"backend.raft.heartbeat_s: must be below election_timeout_min_s / 3 (got {hb})")
+    return problems
+
+
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "[::]", "::", ""})
+
+
+def _check_listen_addresses(agents: list[Any]) -> list[str]:
+    """No two listeners (any agent's raft or http) on one port of one host.
+
+    Agents on other hosts may share ports; on one host (or a wildcard address) a raft
+    port equal to an http port makes the second listener fail at start, or worse, lets
+    HTTP clients talk to the Raft port.
+    """
+    problems: list[str] = []
+    taken: dict[tuple[str, int], str] = {}
+    for i, item in enumerate(agents):
+        agent = item if isinstance(item, Mapping) else {}
+        for kind in ("raft", "http"):
+            value = agent.get(kind)
+            if not isinstance(value, str):
+                continue
+            try:
+                host, port = split_host_port(value)
+            except ValueError:
+                continue  # reported by the structure check
+            where = f"cluster.agents[{i}].{kind}"
+            clash = taken.get((host, port)) or next(
+                (
+                    w
+                    for (h, p), w in taken.items()
+                    if p == port and (h in _WILDCARD_HOSTS or host in _WILDCARD_HOSTS)
+                ),
+                None,
+            )
+            if clash is not None and clash.rsplit(".", 1)[1] != kind:
+                problems.append(f"{where}: same port as {clash} on the same host (got {_fmt_value(value)})")
+            taken.setdefault((host, port), where)
+    return problems
+
+
+def _check_token_names(auth: Mapping[str, Any]) -> list[str]:
+    """Token names are unique, and `admin`/`read` are taken when the legacy tokens are set."""
+    problems: list[str] = []
+    tokens = auth.get("tokens")
+    taken: dict[str, str] = {}
+    legacy_admin = auth.get("admin_token") is not None if "admin_token" in auth else not tokens
+    if legacy_admin:
+        taken["admin"] = "auth.admin_token"
+    if auth.get("read_token") is not None:
+        taken["read"] = "auth.read_token"
+    for i, token in enumerate(tokens if isinstance(tokens, list) else []):
+        name = token.get("name") if isinstance(token, Mapping) else None
+        if not isinstance(name, str):
+            continue
+        if name in taken:
+            problems.append(f"auth.tokens[{i}].name: same name as {taken[name]} (got {_fmt_value(name)})")
+        else:
+            taken[name] = f"auth.tokens[{i}]"
     return problems
 
 
@@ -694,8 +800,64 @@ def _check_detection(raw: Mapping[str, Any]) -> list[str]:
     return problems
 
 
+# A configuration file is small: these bound the work of reading one, whatever it holds.
+MAX_CONFIG_BYTES = 1024 * 1024
+MAX_YAML_DEPTH = 40
+# Values after aliases are expanded (a 2 KB "billion laughs" file expands to billions).
+MAX_YAML_VALUES = 100_000
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate keys instead of keeping the last one."""
+    """SafeLoader that refuses duplicate keys, keys that are not plain values, nesting
+    deeper than `MAX_YAML_DEPTH` and documents whose aliases expand past
+    `MAX_YAML_VALUES` values."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_YAML_DEPTH} levels",
+                    self.peek_event().start_mark,  # type: ignore[no-untyped-call]
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values `root` holds once every alias is expanded (memoized, no recursion)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if id(node) in sizes:
+            continue
+        if not children_done:
+            if id(node) in open_nodes:
+                raise ConfigError(
+                    [f"line {node.start_mark.line + 1}: an alias refers to itself (not valid YAML)"]
+                )
+            open_nodes.add(id(node))
+        children: list[yaml.Node] = []
+        if isinstance(node, yaml.SequenceNode):
+            children = list(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        if children_done:
+            sizes[id(node)] = min(1 + sum(sizes.get(id(c), 0) for c in children), MAX_YAML_VALUES + 1)
+            open_nodes.discard(id(node))
+            continue
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 def _construct_mapping(
@@ -703,9 +865,16 @@ def _construct_mapping(
 ) -> dict[Any, Any]:
     mapping: dict[Any, Any] = {}
     for key_node, value_node in node.value:
+        if not isinstance(key_node, yaml.ScalarNode):
+            kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+            raise yaml.constructor.ConstructorError(
+                None, None, f"a key must be a plain value, not a {kind}", key_node.start_mark
+            )
         key = loader.construct_object(key_node, deep=deep)
         if key in mapping:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {_fmt_value(key)}", key_node.start_mark
+            )
         mapping[key] = loader.construct_object(value_node, deep=deep)
     return mapping
 
@@ -768,7 +937,13 @@ def parse_settings(raw: Any, source: str = "<config>") -> Settings:
         model = SettingsModel.model_validate(raw)
     except ValidationError as e:
         problems.extend(_problems_from(e))
-    problems.extend(_cross_check(raw))
+    try:
+        problems.extend(_cross_check(raw))
+    except (TypeError, ValueError, AttributeError):
+        # Cross-references read the raw data; a value of a type no field allows can
+        # trip them, and the structure check has already named it.
+        if not problems:
+            raise
     if problems or model is None:
         raise ConfigError(sorted(dict.fromkeys(problems)))
     return Settings(model=model, policy=_build_policy(model), source=source)
@@ -778,14 +953,39 @@ def load_settings(path: str | os.PathLike[str]) -> Settings:
     """Read and validate a YAML file; `ConfigError` lists every problem found."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with p.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except OSError as e:
         raise ConfigError([f"{p}: cannot read ({e.strerror})"]) from e
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"{p}: larger than {MAX_CONFIG_BYTES // 1024} KiB; not a configuration file"])
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        problem = f"line {line}: not UTF-8 text (byte 0x{data[e.start]:02x})"
+        raise ConfigError([problem]) from None
+    return parse_settings(parse_yaml(text), source=str(p))
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML document as plain data; `ConfigError` (one line) when it cannot be read."""
+    loader = _UniqueKeyLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise ConfigError(
+                [f"YAML: more than {MAX_YAML_VALUES} values once aliases are expanded (an alias bomb?)"]
+            )
+        return loader.construct_document(node)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1} column {mark.column + 1}" if mark else "YAML"
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError([f"{where}: {problem} (not valid YAML)"]) from e
-    return parse_settings(raw, source=str(p))
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError([f"{where}: {problem} (not valid YAML)"]) from None
+    except RecursionError:
+        raise ConfigError([f"YAML: nested too deeply (at most {MAX_YAML_DEPTH} levels)"]) from None
+    finally:
+        loader.dispose()

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from controlplane.access import Scope, Token, Tokens
 from controlplane.agent.loops import decide_loop, publish, watch_loop
-from controlplane.agent.node import Node, Tokens
+from controlplane.agent.node import Node
 from controlplane.api.app import create_app
-from controlplane.config import Settings
-from controlplane.consensus.factory import make_store
+from controlplane.api.server import ConnectionLimits, GuardedSite, connection_limits
+from controlplane.config import SecretRef, Settings, load_settings
+from controlplane.consensus.factory import make_store, store_problems
 from controlplane.diagnostics import AllocationTracer
 from controlplane.errors import ConfigError
 from controlplane.metrics import Metrics
@@ -45,42 +47,173 @@ def resolve_agent_id(settings: Settings, agent_id: str | None) -> str:
 
 
 def resolve_tokens(settings: Settings) -> Tokens:
-    """The bearer tokens, and the cluster secret checked too: every missing one at once."""
+    """The bearer tokens, and the cluster secret checked too: every problem at once.
+
+    Each secret must be strong (`config.weakness`), and no two tokens may share a
+    secret (the token presented would not say who is calling).
+    """
     auth = settings.model.auth
-    problems = []
-    values: dict[str, str | None] = {"admin_token": None, "read_token": None}
-    refs = [("admin_token", auth.admin_token), ("read_token", auth.read_token)]
-    if settings.model.backend.kind == "raft":
-        refs.append(("cluster.secret", settings.cluster.secret))
-    for name, ref in refs:
-        if ref is None:
-            continue
+    problems: list[str] = []
+
+    def resolve(ref: SecretRef, path: str) -> str | None:
         try:
-            values[name] = ref.resolve(name if "." in name else f"auth.{name}")
+            return ref.resolve(path)
         except ConfigError as e:
             problems.extend(e.problems)
+            return None
+
+    if settings.model.backend.kind == "raft":
+        resolve(settings.cluster.secret, "cluster.secret")
+    admin = resolve(auth.admin_token, "auth.admin_token") if auth.admin_token is not None else None
+    read = resolve(auth.read_token, "auth.read_token") if auth.read_token is not None else None
+    named: list[Token] = []
+    seen: dict[str, str] = {}
+    if admin is not None:
+        seen[admin] = "auth.admin_token"
+    if read is not None:
+        seen.setdefault(read, "auth.read_token")
+        if seen[read] != "auth.read_token":
+            problems.append("auth.read_token: same secret as auth.admin_token (each token needs its own)")
+    for i, entry in enumerate(auth.tokens):
+        path = f"auth.tokens[{i}]"
+        secret = resolve(entry.secret, f"{path}.secret")
+        if secret is None:
+            continue
+        if secret in seen:
+            problems.append(f"{path}.secret: same secret as {seen[secret]} (each token needs its own)")
+            continue
+        seen[secret] = path
+        named.append(Token(entry.name, Scope(entry.scope), secret))
     if problems:
         raise ConfigError(problems)
-    return Tokens(admin=values["admin_token"], read=values["read_token"])
+    return Tokens(admin=admin, read=read, named=tuple(named), open_reads=auth.open_reads)
 
 
-async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
-    """Run one agent until SIGTERM/SIGINT; raises `TaskFailed` if a task dies."""
+def preflight(settings: Settings, *, secrets: bool = True) -> tuple[Tokens, ConnectionLimits]:
+    """Every check between a valid file and a running agent, all problems at once.
+
+    The one validation `check-config` and `agent` share (after `load_settings`): the
+    backend's own rules, the secrets (unless `secrets` is False: then no tokens), and
+    the connection limits against this process's open-file limit.
+    """
+    problems = list(store_problems(settings))
+    tokens = Tokens()
+    limits: ConnectionLimits | None = None
+    if secrets:
+        try:
+            tokens = resolve_tokens(settings)
+        except ConfigError as e:
+            problems.extend(e.problems)
+    try:
+        limits = connection_limits(settings)
+    except ConfigError as e:
+        problems.extend(e.problems)
+    if problems or limits is None:
+        raise ConfigError(problems)
+    return tokens, limits
+
+
+async def watch_parent(sup: Supervisor, parent_pid: int, period_s: float = 0.5) -> None:
+    """Stop the agent once the process that started it is gone (no orphans holding ports).
+
+    An orphan is re-parented (to init or a subreaper), so its parent pid changes.
+    """
+    while os.getppid() == parent_pid:  # noqa: ASYNC110 (no event tells of a parent's death)
+        await asyncio.sleep(period_s)
+    log.warning("parent process %d is gone", parent_pid)
+    sup.request_stop(f"parent process {parent_pid} is gone")
+
+
+# What SIGHUP may change in a running agent; every other section needs a restart.
+LIVE_SECTIONS = ("policy", "features", "auth", "log_level")
+
+
+def reload_settings(node: Node, config_path: Path) -> str:
+    """Apply `config_path` to a running agent if only live sections changed; says what it did.
+
+    A file with any problem, or with a change to a section outside `LIVE_SECTIONS`
+    (agents, addresses, backend, probes, regions, API limits), changes nothing.
+    """
+    old = node.settings
+    try:
+        new = load_settings(config_path)
+        if node.agent_id not in {a.id for a in new.cluster.agents}:
+            raise ConfigError([f"cluster.agents: no longer lists this agent {node.agent_id}"])
+        tokens = resolve_tokens(new)
+    except ConfigError as e:
+        problems = "; ".join(e.problems)
+        log.error("reload refused, nothing changed: %s: %s", config_path, problems)
+        return f"refused: {problems}"
+    fixed = [
+        name
+        for name in type(new.model).model_fields
+        if name not in LIVE_SECTIONS and getattr(new.model, name) != getattr(old.model, name)
+    ]
+    if fixed:
+        log.error(
+            "reload refused, nothing changed: %s changed, which needs a restart (live: %s)",
+            ", ".join(fixed),
+            ", ".join(LIVE_SECTIONS),
+        )
+        return f"refused: {', '.join(fixed)} need a restart"
+    changed = [name for name in LIVE_SECTIONS if getattr(new.model, name) != getattr(old.model, name)]
+    node.settings = new
+    node.tokens = tokens
+    logging.getLogger().setLevel(getattr(logging, new.model.log_level.upper(), logging.INFO))
+    log.warning("reloaded %s: %s", config_path, ", ".join(changed) or "no change")
+    return f"reloaded: {', '.join(changed) or 'no change'}"
+
+
+async def reload_on_sighup(node: Node, config_path: Path) -> None:
+    """Reload the configuration on every SIGHUP (instead of dying, the default)."""
+    wanted = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, wanted.set)
+    try:
+        while True:
+            await wanted.wait()
+            wanted.clear()
+            reload_settings(node, config_path)
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
+async def run_agent(
+    settings: Settings,
+    agent_id: str,
+    data_dir: Path,
+    *,
+    parent_pid: int | None = None,
+    config_path: Path | None = None,
+) -> None:
+    """Run one agent until SIGTERM/SIGINT (or, with `parent_pid`, until that parent is
+    gone); raises `TaskFailed` if a task dies."""
     me = settings.agent(agent_id)
-    tokens = resolve_tokens(settings)
+    tokens, limits = preflight(settings)
     tracer = AllocationTracer.from_env()
     store = make_store(settings, agent_id, data_dir)
     metrics = Metrics(agent_id)
     metrics.failover_budget.set(settings.policy.failover_budget_s)
-    node = Node(settings=settings, agent_id=agent_id, store=store, metrics=metrics, tokens=tokens)
+    node = Node(
+        settings=settings,
+        agent_id=agent_id,
+        store=store,
+        metrics=metrics,
+        tokens=tokens,
+        max_watchers=limits.max_watchers,
+    )
     sup = Supervisor()
     sup.install_signal_handlers()
     metrics.tasks.add_loop("main", asyncio.get_running_loop())
+    if parent_pid is not None:
+        sup.start("parent watch", watch_parent(sup, parent_pid))
+    if config_path is not None:
+        sup.start("reload on SIGHUP", reload_on_sighup(node, config_path))
 
     try:
         if tracer is not None:
             _start_tracer(tracer, sup)
-        await _start(settings, node, sup, me.http)
+        await _start(settings, node, sup, me.http, limits)
     except BaseException:
         await sup.shutdown()
         raise
@@ -91,6 +224,13 @@ async def run_agent(settings: Settings, agent_id: str, data_dir: Path) -> None:
         else f"etcd {','.join(backend.etcd.endpoints) if backend.etcd else '?'}"
     )
     log.info("agent %s (%s) serving http://%s, %s", agent_id, me.region, me.http, where)
+    log.info(
+        "http limits: %d connections, %d watchers (open-file limit %d), request head within %g s",
+        limits.max_connections,
+        limits.max_watchers,
+        limits.nofile,
+        settings.model.api.header_timeout_s,
+    )
     await sup.wait()
 
 
@@ -108,7 +248,9 @@ def _start_tracer(tracer: AllocationTracer, sup: Supervisor) -> None:
     sup.start("allocation dumps", tracer.run())
 
 
-async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> None:
+async def _start(
+    settings: Settings, node: Node, sup: Supervisor, http: str, limits: ConnectionLimits
+) -> None:
     store, metrics, agent_id = node.store, node.metrics, node.agent_id
     store.on_task_failure = sup.fail
     await store.start()  # creates the data dir
@@ -159,9 +301,20 @@ async def _start(settings: Settings, node: Node, sup: Supervisor, http: str) -> 
     sup.start("revision feed", node.feed.run())
 
     # handler_cancellation: a client that hangs up frees its blocking query at once.
-    runner = web.AppRunner(create_app(node), access_log=None, shutdown_timeout=2.0, handler_cancellation=True)
+    # keepalive_timeout: aiohttp closes a connection whose request head is not complete
+    # this long after it opened or after its last answer (slowloris, idle sockets).
+    runner = web.AppRunner(
+        create_app(node),
+        access_log=None,
+        shutdown_timeout=2.0,
+        handler_cancellation=True,
+        keepalive_timeout=settings.model.api.header_timeout_s,
+        # After an early answer (a body too slow, too big), read what is left of it this
+        # long at most before closing (aiohttp's default is 10 s).
+        lingering_time=1.0,
+    )
     await runner.setup()
     sup.on_stop("http", runner.cleanup)
     host, _, port = http.rpartition(":")
-    site = web.TCPSite(runner, host, int(port), reuse_address=True, backlog=1024)
+    site = GuardedSite(runner, host, int(port), max_connections=limits.max_connections)
     await site.start()

@@ -35,6 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from controlplane.addresses import split_host_port
 from controlplane.errors import NotFound, Rejected, Unsafe
 from controlplane.model import Decision, Placement, State, decision_from_json
 
@@ -80,13 +81,15 @@ def serving_weight(placement: Placement | None) -> int:
 
 
 def split_address(address: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port` into (host without brackets, port); `Rejected` otherwise."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise Rejected("bad address", f"must be host:port (got {address!r})")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    """`host:port` or `[v6]:port` into (host without brackets, port); `Rejected` otherwise.
+
+    Strict (`controlplane.addresses`): what comes back can be written into a load
+    balancer's configuration as it is, and what could not is refused here.
+    """
+    try:
+        return split_host_port(address)
+    except ValueError as e:
+        raise Rejected("bad address", f"{e} (got {address[:80]!r})") from None
 
 
 def _describe(region: str, placement: Placement | None) -> str:

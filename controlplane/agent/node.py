@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from controlplane.access import Tokens
 from controlplane.agent.feed import RevisionFeed
 from controlplane.config import Settings
 from controlplane.consensus.base import ControlStore
@@ -18,13 +19,7 @@ from controlplane.errors import Overloaded
 from controlplane.metrics import Metrics
 from controlplane.state import ControlState, StoreStatus
 
-
-@dataclass(frozen=True, slots=True)
-class Tokens:
-    """Bearer tokens: `admin` may write, `read` may only read. None means not configured."""
-
-    admin: str | None = None
-    read: str | None = None
+__all__ = ["Node", "Tokens"]
 
 
 @dataclass
@@ -34,6 +29,8 @@ class Node:
     store: ControlStore
     metrics: Metrics
     tokens: Tokens = field(default_factory=Tokens)
+    # The watcher cap in force: api.max_watchers, lowered to fit the connection cap.
+    max_watchers: int | None = None
     # This agent's wall clock: for its own ages (uptime, how long stale), never compared
     # with another agent's. Verdicts, holds and ramps use `cluster_now()`.
     clock: Callable[[], float] = time.time
@@ -52,7 +49,7 @@ class Node:
     @contextlib.contextmanager
     def watcher(self) -> Iterator[None]:
         """Count one blocking query or stream; `Overloaded` past `api.max_watchers`."""
-        limit = self.settings.model.api.max_watchers
+        limit = self.max_watchers or self.settings.model.api.max_watchers
         if self.watchers >= limit:
             raise Overloaded(
                 "too many watchers", f"this agent holds its limit of {limit}; retry or use another agent"

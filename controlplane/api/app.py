@@ -13,10 +13,11 @@ from typing import Any
 
 from aiohttp import web
 
+from controlplane.access import Scope
 from controlplane.agent.node import Node
 from controlplane.api import ofrep, openapi, read, ui, write
-from controlplane.api.auth import require_read
-from controlplane.api.common import NODE, Handler, error_response, json_response, route_name
+from controlplane.api.auth import require
+from controlplane.api.common import CLOSE_AFTER, NODE, Handler, error_response, json_response, route_name
 from controlplane.errors import ControlplaneError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         response = error_response(500, "internal error", "see the agent's log")
+    if request.get(CLOSE_AFTER):
+        response.force_close()
     node.metrics.api_requests.labels(route_name(request), request.method, str(response.status)).inc()
     return response
 
@@ -46,7 +49,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
 @web.middleware
 async def read_auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     if request.method in ("GET", "HEAD"):
-        require_read(request)
+        require(request, Scope.READ)
     return await handler(request)
 
 

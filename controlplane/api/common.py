@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -9,6 +10,7 @@ import orjson
 from aiohttp import web
 
 from controlplane.agent.node import Node
+from controlplane.errors import Rejected
 
 NODE: web.AppKey[Node] = web.AppKey("node", Node)
 
@@ -36,3 +38,21 @@ def error_response(
 def route_name(request: web.Request) -> str:
     info = request.match_info.route.resource
     return info.canonical if info is not None else "unmatched"
+
+
+# Set on a request whose connection must close after the answer.
+CLOSE_AFTER = "controlplane.close_after"
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request body, bounded in size (client_max_size, 413 past it) and in time.
+
+    A body that trickles in must not hold a connection and a handler: past
+    `api.body_timeout_s` the request is refused with 400.
+    """
+    timeout_s = request.app[NODE].settings.model.api.body_timeout_s
+    try:
+        return await asyncio.wait_for(request.read(), timeout_s)
+    except TimeoutError:
+        request[CLOSE_AFTER] = True  # the rest of the body may still come: do not read it
+        raise Rejected("body too slow", f"the request body did not arrive within {timeout_s:g} s") from None

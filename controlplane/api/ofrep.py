@@ -30,8 +30,9 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from controlplane.api.auth import require_read
-from controlplane.api.common import NODE, json_response
+from controlplane.access import Scope
+from controlplane.api.auth import require
+from controlplane.api.common import NODE, json_response, read_body
 from controlplane.api.read import position
 from controlplane.errors import Rejected
 from controlplane.model import Decision, flags_of
@@ -88,11 +89,11 @@ def _no_decision() -> web.Response:
 
 
 async def evaluate_flag(request: web.Request) -> web.StreamResponse:
-    require_read(request, api_key_header=True)
+    require(request, Scope.READ, api_key_header=True)
     node = request.app[NODE]
     key = request.match_info["key"]
     try:
-        _context_of(await request.read())
+        _context_of(await read_body(request))
     except _BadRequest as e:
         return json_response({"key": key, "errorCode": e.code, "errorDetails": e.detail}, status=400)
     decision = node.state().decision
@@ -122,10 +123,10 @@ def _matches(if_none_match: str | None, etag: str) -> bool:
 
 
 async def evaluate_flags(request: web.Request) -> web.StreamResponse:
-    require_read(request, api_key_header=True)
+    require(request, Scope.READ, api_key_header=True)
     node = request.app[NODE]
     try:
-        _context_of(await request.read())
+        _context_of(await read_body(request))
     except _BadRequest as e:
         return json_response({"errorCode": e.code, "errorDetails": e.detail}, status=400)
     decision = node.state().decision

@@ -9,21 +9,38 @@ hot path (the handlers build plain dicts and orjson encodes them).
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-Reason = Annotated[str, Field(min_length=1, max_length=500)]
+# Control characters (C0 but tab, DEL, C1, bidirectional overrides) in free text would
+# act on the terminals and pages that show it; names are patterns that exclude them.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _no_control(value: str) -> str:
+    found = _CONTROL.search(value)
+    if found:
+        raise ValueError(
+            f"must not contain control characters (found U+{ord(found.group()):04X} at {found.start()})"
+        )
+    return value
+
+
+Reason = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_no_control)]
 NameStr = Annotated[
     str, Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 ]
-Who = Annotated[str, Field(min_length=1, max_length=100)]
+Who = Annotated[str, Field(min_length=1, max_length=100), AfterValidator(_no_control)]
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     reason: Reason
+    # Accepted for older clients and noted in the audit log; the intent's `who` is the
+    # name of the token that sent it, never what the client says.
     who: Who | None = None
     # Chosen by the client to make a retry safe: the same id commits once.
     id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")] | None = None
@@ -51,7 +68,7 @@ class UndrainBody(_Body):
 
 
 class FailoverBody(_StandingBody):
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, strict=True)
 
     kind: Literal["failover"]
     from_region: NameStr = Field(alias="from")
@@ -92,14 +109,14 @@ class IntentRequest(BaseModel):
 
 
 class PlanBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     fail: Annotated[list[NameStr], Field(max_length=64)] = []
     intents: Annotated[list[IntentBody], Field(max_length=16)] = []
 
 
 class DeleteIntentBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     reason: Reason
     who: Who | None = None
@@ -190,6 +207,8 @@ class IntentAccepted(BaseModel):
     id: str
     seq: int
     revision: int | None
+    # The name of the token that wrote it, recorded as the intent's `who`.
+    who: str | None = None
     detail: str | None = None
 
 

@@ -20,9 +20,10 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
+from controlplane.access import Principal, Scope
 from controlplane.agent.node import Node
-from controlplane.api.auth import require_read, require_write
-from controlplane.api.common import NODE, json_response
+from controlplane.api.auth import audit, require
+from controlplane.api.common import NODE, json_response, read_body
 from controlplane.api.read import decision_body
 from controlplane.api.schemas import (
     DeleteIntentBody,
@@ -46,7 +47,7 @@ COMMIT_WAIT_S = 5.0
 async def read_json(request: web.Request) -> Any:
     if request.content_length is None and request.body_exists is False:
         raise Rejected("missing body", "send a JSON object")
-    raw = await request.read()  # bounded by client_max_size (413 past it)
+    raw = await read_body(request)
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as e:
@@ -65,12 +66,12 @@ def validation_problem(e: ValidationError, drop: int = 0) -> Rejected:
             )
         ]
         where = ".".join(loc) or "body"
-        problems.append(f"{where}: {err['msg']}")
+        problems.append(f"{where}: {err['msg'].removeprefix('Value error, ')}")
     return Rejected("invalid request", "; ".join(problems))
 
 
 def to_intent(body: Any, who: str, now: float) -> Intent:
-    who = getattr(body, "who", None) or who
+    """The intent a body asks for, on behalf of `who` (the token's name, never the body's)."""
     fields: dict[str, Any] = {}
     if isinstance(body, DrainBody | UndrainBody):
         fields = {"region": body.region, "service": body.service}
@@ -91,8 +92,12 @@ def to_intent(body: Any, who: str, now: float) -> Intent:
     )
 
 
-def requester(request: web.Request) -> str:
-    return request.headers.get("X-Controlplane-User", "")[:100] or "api"
+# Intents that stop or restart automation need scope admin; the rest scope operate.
+ADMIN_KINDS = frozenset({IntentKind.FREEZE, IntentKind.UNFREEZE})
+
+
+def needed_scope(kind: IntentKind) -> Scope:
+    return Scope.ADMIN if kind in ADMIN_KINDS else Scope.OPERATE
 
 
 def parse_intent(data: Any, who: str, now: float) -> Intent:
@@ -106,10 +111,12 @@ def parse_intent(data: Any, who: str, now: float) -> Intent:
 
 
 async def post_intent(request: web.Request) -> web.StreamResponse:
-    require_write(request)
+    principal = require(request, Scope.OPERATE)
     node = request.app[NODE]
     now = node.cluster_now_or_wall()
-    intent = parse_intent(await read_json(request), requester(request), now)
+    data = await read_json(request)
+    intent = parse_intent(data, principal.name, now)
+    require(request, needed_scope(intent.kind))
     policy = node.settings.policy
     check_names(policy, intent)
     state = node.state()
@@ -118,7 +125,21 @@ async def post_intent(request: web.Request) -> web.StreamResponse:
         check_safe(policy, state, intent, now)
     committed = await node.store.submit_intent(intent)
     revision = await revision_carrying(node, committed.seq)
-    body: dict[str, Any] = {"id": committed.id, "seq": committed.seq, "revision": revision}
+    audit(
+        request,
+        principal,
+        f"intent {intent.describe()}",
+        intent.reason,
+        revision,
+        intent=committed.id,
+        claimed=_claimed(data),
+    )
+    body: dict[str, Any] = {
+        "id": committed.id,
+        "seq": committed.seq,
+        "revision": revision,
+        "who": principal.name,
+    }
     if revision is None:
         body["detail"] = "committed; the decision carrying it is not served here yet"
     return json_response(body, status=201 if revision is not None else 202)
@@ -142,8 +163,14 @@ async def revision_carrying(node: Node, seq: int) -> int | None:
         await node.feed.wait_past(decision.revision if decision else -1, remaining)
 
 
+def _claimed(data: Any) -> str | None:
+    """A `who` the body claims: noted in the audit line, never recorded as who."""
+    claimed = data.get("who") if isinstance(data, dict) else None
+    return claimed if isinstance(claimed, str) else None
+
+
 async def delete_intent(request: web.Request) -> web.StreamResponse:
-    require_write(request)
+    principal = require(request, Scope.OPERATE)
     node = request.app[NODE]
     intent_id = request.match_info["intent_id"]
     data: Any = {}
@@ -155,20 +182,32 @@ async def delete_intent(request: web.Request) -> web.StreamResponse:
         parsed = DeleteIntentBody.model_validate(data)
     except ValidationError as e:
         raise validation_problem(e) from None
-    removed = await node.store.delete_intent(intent_id, parsed.who or requester(request), parsed.reason)
+    standing = node.state().intents.get(intent_id)
+    if standing is not None:
+        require(request, needed_scope(standing.kind))
+    removed = await node.store.delete_intent(intent_id, principal.name, parsed.reason)
     revision = await revision_carrying(node, node.state().intent_seq)
+    audit(
+        request,
+        principal,
+        f"remove intent {removed.describe()}",
+        parsed.reason,
+        revision,
+        intent=intent_id,
+        claimed=parsed.who,
+    )
     return json_response({"removed": intent_to_json(removed), "revision": revision})
 
 
 async def list_intents(request: web.Request) -> web.StreamResponse:
-    require_read(request)
+    require(request, Scope.READ)
     state = request.app[NODE].state()
     ordered = sorted(state.intents.values(), key=lambda i: i.seq)
     return json_response({"intents": [intent_to_json(i) for i in ordered], "intent_seq": state.intent_seq})
 
 
 async def post_plan(request: web.Request) -> web.StreamResponse:
-    require_read(request)
+    principal: Principal = require(request, Scope.READ)
     node = request.app[NODE]
     data = await read_json(request)
     try:
@@ -180,7 +219,7 @@ async def post_plan(request: web.Request) -> web.StreamResponse:
     unknown = sorted(set(parsed.fail) - {r.name for r in policy.regions})
     if unknown:
         raise Rejected("unknown region", f"fail names {', '.join(unknown)}, which are not configured")
-    intents = [to_intent(b, requester(request), now) for b in parsed.intents]
+    intents = [to_intent(b, principal.name, now) for b in parsed.intents]
     for intent in intents:
         check_names(policy, intent)
     state = node.state()

@@ -9,10 +9,14 @@ reported at once as a `ConfigError`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from controlplane.config import EtcdConfig, Settings
 from controlplane.consensus.base import ControlStore
 from controlplane.errors import ConfigError
+
+if TYPE_CHECKING:
+    from controlplane.consensus.raft import RaftTimings
 
 
 def make_store(settings: Settings, agent_id: str, data_dir: Path) -> ControlStore:
@@ -25,24 +29,41 @@ def make_store(settings: Settings, agent_id: str, data_dir: Path) -> ControlStor
     return _raft_store(settings, agent_id, data_dir)
 
 
+def store_problems(settings: Settings) -> list[str]:
+    """What the configured backend would refuse at start, found without starting it.
+
+    `check-config` and the agent both ask (see `daemon.preflight`), so a file the
+    systemd pre-start check passes is a file the agent starts with.
+    """
+    if settings.model.backend.kind == "raft":
+        return _raft_timings(settings).problems()
+    return []
+
+
+def _raft_timings(settings: Settings) -> RaftTimings:
+    from controlplane.consensus.raft import RaftTimings
+
+    raft = settings.model.backend.raft
+    return RaftTimings(
+        election_timeout_min_s=raft.election_timeout_min_s,
+        election_timeout_max_s=raft.election_timeout_max_s,
+        heartbeat_s=raft.heartbeat_s,
+        commit_timeout_s=raft.commit_timeout_s,
+        fresh_window_s=raft.fresh_window_s,
+        snapshot_entries=raft.snapshot_entries,
+    )
+
+
 def _raft_store(settings: Settings, agent_id: str, data_dir: Path) -> ControlStore:
-    from controlplane.consensus.raft import RaftStore, RaftTimings
+    from controlplane.consensus.raft import RaftStore
 
     secret = settings.cluster.secret.resolve("cluster.secret")
-    raft = settings.model.backend.raft
     return RaftStore(
         member_id=agent_id,
         members={a.id: a.raft for a in settings.cluster.agents},
         secret=secret,
         data_dir=data_dir / "raft",
-        timings=RaftTimings(
-            election_timeout_min_s=raft.election_timeout_min_s,
-            election_timeout_max_s=raft.election_timeout_max_s,
-            heartbeat_s=raft.heartbeat_s,
-            commit_timeout_s=raft.commit_timeout_s,
-            fresh_window_s=raft.fresh_window_s,
-            snapshot_entries=raft.snapshot_entries,
-        ),
+        timings=_raft_timings(settings),
         dial=dict(settings.cluster.dial) or None,
     )
 

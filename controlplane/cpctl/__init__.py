@@ -23,6 +23,7 @@ import click
 from controlplane.cpctl import actions  # noqa: F401 - registers the commands that change traffic
 from controlplane.cpctl.commands import cli
 from controlplane.cpctl.errors import EXIT_REFUSED, EXIT_USAGE, CpctlError, OutputClosed
+from controlplane.cpctl.render import printable
 
 __all__ = ["cli", "main"]
 
@@ -30,7 +31,8 @@ EXIT_INTERRUPTED = 130
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"cpctl: {message}", err=True)
+    # The message may quote an agent's error text: no terminal control gets through.
+    click.echo(printable(f"cpctl: {message}"), err=True)
     return code
 
 

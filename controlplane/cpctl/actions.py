@@ -166,7 +166,7 @@ def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, d
         "served_revision": served["revision"],
         "served_by": served.get("served_by"),
         "in_force": in_force,
-        "intent": {**body, "who": settings.who()},
+        "intent": {**body, "who": answer.get("who") or settings.who()},
         "decision": served,
     }
     if settings.json:

@@ -28,7 +28,7 @@ pass_settings = click.make_pass_decorator(Settings, ensure=True)
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    click.echo(render.json_safe(json.dumps(data, indent=2, ensure_ascii=False)))
 
 
 @click.group(
@@ -216,7 +216,7 @@ def follow(settings: Settings, count: int | None) -> None:
         gap.ended(served)
         decision = dict(served.body)
         if settings.json:
-            click.echo(json.dumps(decision, ensure_ascii=False))
+            click.echo(render.json_safe(json.dumps(decision, ensure_ascii=False)))
         else:
             console.print(render.watch_line(previous, decision, time.time()))
         sys.stdout.flush()
@@ -236,12 +236,12 @@ class Gap:
     def missed(self, following: Following) -> None:
         if self.since is None:
             self.since = time.monotonic()
-            click.echo(f"cpctl: {following.last_error}; still trying", err=True)
+            click.echo(render.printable(f"cpctl: {following.last_error}; still trying"), err=True)
 
     def ended(self, served: Served) -> None:
         if self.since is not None:
             self.since = None
-            click.echo(f"cpctl: reached {served.agent} again", err=True)
+            click.echo(render.printable(f"cpctl: reached {served.agent} again"), err=True)
 
 
 def current_decision(client: Client) -> dict[str, Any]:

@@ -124,7 +124,10 @@ def global_options() -> list[click.Option]:
         click.Option(
             ["--as", "user"],
             metavar="NAME",
-            help="Who is recorded as making a change. Default: $USER@hostname.",
+            help=(
+                "Your name, noted in the agent's audit log beside the token's name "
+                "(the history records the token's name). Default: $USER@hostname."
+            ),
             callback=_store("user"),
         ),
         click.Option(

@@ -4,17 +4,25 @@ Everything here is a pure function of those answers (and `now`, for ages), so wh
 cpctl shows is what the agent said. Colour follows the state: healthy green, degraded
 yellow, down red, drained blue; rich drops colour when stdout is not a terminal or
 NO_COLOR is set.
+
+Server text is data: an operator's reason may be `[/]` or carry terminal escapes (from
+an older agent, or something posing as one). The console never reads markup or emoji
+codes in strings, and every character of text it writes passes `printable`, which
+drops control characters (C0 but newline and tab, DEL, C1, bidirectional overrides);
+rich's own styling is added after that, so colours still work.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console, Group, RenderableType
+from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 
@@ -429,7 +437,29 @@ def watch_line(before: Json | None, after: Json, now: float) -> RenderableType:
     return Group(head, text)
 
 
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` without the characters a terminal would act on instead of showing."""
+    return _CONTROL.sub("", text)
+
+
+def json_safe(text: str) -> str:
+    """JSON text with the controls that `json.dumps(ensure_ascii=False)` leaves raw escaped."""
+    return _JSON_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 class _Console(Console):
+    def _render_buffer(self, buffer: Iterable[Segment]) -> str:
+        # The one place every character of text passes on its way out; control segments
+        # are rich's own cursor moves, not text.
+        return super()._render_buffer(
+            segment if segment.control else Segment(printable(segment.text), segment.style)
+            for segment in buffer
+        )
+
     def on_broken_pipe(self) -> None:
         # rich exits 1 here; cpctl's exit 1 means "refused", and a reader leaving is not that.
         self.quiet = True
@@ -439,4 +469,4 @@ class _Console(Console):
 
 
 def make_console(stderr: bool = False) -> Console:
-    return _Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return _Console(stderr=stderr, highlight=False, soft_wrap=True, markup=False, emoji=False)

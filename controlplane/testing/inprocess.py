@@ -23,8 +23,9 @@ from typing import Any
 import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 
+from controlplane.access import Scope, Tokens
 from controlplane.agent.loops import decide_loop, publish, watch_loop
-from controlplane.agent.node import Node, Tokens
+from controlplane.agent.node import Node
 from controlplane.api.app import create_app
 from controlplane.config import Settings, load_settings
 from controlplane.consensus.memory import MemoryGroup, MemoryStore
@@ -62,6 +63,11 @@ class InProcessAgent:
         return store
 
 
+def _secret_of(tokens: Tokens, scope: Scope) -> str | None:
+    """The secret of the first token with exactly `scope`, if any."""
+    return next((t.secret for t in tokens.entries if t.scope is scope), None)
+
+
 class InProcessCluster(AgentsReader):
     """`async with InProcessCluster() as c:` every agent of `settings` in this process."""
 
@@ -74,7 +80,7 @@ class InProcessCluster(AgentsReader):
     ) -> None:
         self.settings = settings or load_settings(DEMO_CONFIG)
         self.tokens = tokens or Tokens(admin=ADMIN_TOKEN)
-        self.admin_token = self.tokens.admin or ""
+        self.admin_token = self.tokens.admin or _secret_of(self.tokens, Scope.ADMIN) or ""
         self._session: aiohttp.ClientSession | None = None
         self.refresh_s = refresh_s
         ids = [a.id for a in self.settings.cluster.agents]
@@ -94,7 +100,7 @@ class InProcessCluster(AgentsReader):
     async def __aenter__(self) -> InProcessCluster:
         try:
             # Reads need the read token when one is configured, as for any client.
-            read = self.tokens.read
+            read = self.tokens.read or _secret_of(self.tokens, Scope.READ)
             headers = {"Authorization": f"Bearer {read}"} if read else None
             self._session = aiohttp.ClientSession(timeout=HTTP_TIMEOUT, headers=headers)
             for agent in self.settings.cluster.agents:

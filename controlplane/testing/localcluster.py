@@ -414,6 +414,9 @@ class LocalCluster(AgentsReader):
                     agent_id,
                     "--data-dir",
                     str(a.data_dir),
+                    # If this process dies without stopping them (SIGKILL, a crash), the
+                    # agents stop too instead of holding the ports.
+                    "--exit-with-parent",
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

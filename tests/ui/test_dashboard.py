@@ -203,7 +203,7 @@ def test_a_drain_made_on_the_page_moves_the_weights_on_every_agent(browser: Brow
     )
     (intent,) = live.get(live.ids[1], "/v1/intents")["intents"]
     assert intent["kind"] == "drain" and intent["region"] == "cn-south"
-    assert intent["who"] == "ui-test (dashboard)" and intent["reason"] == "ui test: drain from the page"
+    assert intent["who"] == "admin" and intent["reason"] == "ui test: drain from the page"
     browser.shot("04-page-drain-committed")
     d.find_element(By.ID, "action-cancel").click()  # "Close"
     browser.wait(
