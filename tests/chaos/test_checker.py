@@ -371,6 +371,18 @@ def test_read_availability_an_agent_up_that_does_not_answer() -> None:
     assert [v["agent"] for v in found] == ["a2"]
 
 
+def test_read_availability_needs_the_recorder_to_keep_its_pace() -> None:
+    """Polls time out after 1 s and follow at once: an agent that hangs fails about one
+    poll a second (judged); 2 polls in 5.1 s mean the recorder was held up, not the agent
+    (5 agents seed 50, where another agent's poll failed at the same instant)."""
+    b = clean()
+    b.serve("a2", F0 + 20, None, status=0, until=F0 + 25.1)
+    b.h["reads"][-1]["count"] = 4
+    assert [v["agent"] for v in check(b.h)["violations"] if v["kind"] == "read_availability"] == ["a2"]
+    b.h["reads"][-1]["count"] = 2
+    assert "read_availability" not in kinds_of(b.h)
+
+
 def test_read_availability_not_judged_while_stopped() -> None:
     b = clean()
     b.fault(F0 + 19, 8, "pause", episode=4, paused=["a2"])

@@ -78,6 +78,11 @@ class AgentFinal(TypedDict):
     history_complete: bool  # the history reached back to the first entry
 
 
+# The recorder's poll of `/v1/decision` gives up after this long; the checker knows it to
+# tell an agent that does not answer from a recorder that could not ask.
+POLL_TIMEOUT_S = 1.0
+
+
 class Params(TypedDict):
     detection_window_s: float  # fall x interval + timeout: a fault seen by one prober
     commit_slack_s: float  # verdict quorum, decide loop and commit, on a loaded machine

@@ -20,9 +20,8 @@ from typing import Any
 import aiohttp
 import orjson
 
-from controlplane.testing.chaos.history import Fault, Read, Write, content_hash, content_of
+from controlplane.testing.chaos.history import POLL_TIMEOUT_S, Fault, Read, Write, content_hash, content_of
 
-POLL_TIMEOUT_S = 1.0
 WRITE_TIMEOUT_S = 10.0
 WATCH_READ_TIMEOUT_S = 20.0  # the agents send a heartbeat every 15 s
 
