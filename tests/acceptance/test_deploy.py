@@ -47,7 +47,7 @@ KUBERNETES = DEPLOY / "kubernetes"
 SYSTEMD = DEPLOY / "systemd"
 CONTROLPLANE_BIN = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "controlplane"
 
-METRIC = re.compile(r"\b(controlplane_[a-z0-9_]+)\b")
+METRIC = re.compile(r"\b((?:controlplane|process)_[a-z0-9_]+)\b")
 # Names a query may use that the agents do not export: Prometheus' own.
 NOT_OURS = {"up"}
 
@@ -66,6 +66,7 @@ def exported_names(families: list[tuple[str, str]]) -> set[str]:
         "histogram": ("_bucket", "_count", "_sum", "_created"),
         "summary": ("_count", "_sum", "_created"),
         "gauge": ("",),
+        "info": ("_info",),
     }
     names: set[str] = set()
     for name, kind in families:
