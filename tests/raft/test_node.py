@@ -251,10 +251,9 @@ def test_full_disk_refuses_writes_keeps_state_and_recovers(
             wait_for("fresh again", lambda: node.status().fresh)
 
 
-def test_ghost_commit_never_happens_with_real_sockets(tmp_path: Path) -> None:
-    """Issue 12 item 1 end to end: isolate the leader, write on it, let the majority commit
-    and compact past it, heal; the ex-leader (catching up by snapshot) must never apply
-    its own uncommitted writes. Checked every couple of milliseconds."""
+def _ghost_scenario(tmp_path: Path) -> int:
+    """One run of the scenario below; every safety check asserted. Returns how many
+    snapshots the ex-leader installed (the path the scenario is meant to exercise)."""
     timings = RaftTimings(
         election_timeout_min_s=0.3, election_timeout_max_s=0.6, heartbeat_s=0.05, snapshot_entries=20
     )
@@ -293,6 +292,19 @@ def test_ghost_commit_never_happens_with_real_sockets(tmp_path: Path) -> None:
             assert not any(i.startswith(b"ghost") for i in ex.ever_applied)
             for fut in ghosts:
                 assert fut.exception(timeout=10) is not None  # never reported as committed
-            assert cluster.nodes[old].status().counters["snapshots_installed"] >= 1
+            return int(cluster.nodes[old].status().counters["snapshots_installed"])
     finally:
         mesh.close()
+
+
+def test_ghost_commit_never_happens_with_real_sockets(tmp_path: Path) -> None:
+    """Issue 12 item 1 end to end: isolate the leader, write on it, let the majority commit
+    and compact past it, heal; the ex-leader (catching up by snapshot) must never apply
+    its own uncommitted writes. Checked every couple of milliseconds."""
+    # Whether the ex-leader catches up by snapshot or by log depends on timing on a busy
+    # host (seen once in CI: by log); every attempt checks safety, and at least one of
+    # three must have taken the snapshot path.
+    installed = [_ghost_scenario(tmp_path / "attempt-0")]
+    while installed[-1] < 1 and len(installed) < 3:
+        installed.append(_ghost_scenario(tmp_path / f"attempt-{len(installed)}"))
+    assert installed[-1] >= 1, f"the ex-leader never caught up by snapshot in {len(installed)} attempts"
