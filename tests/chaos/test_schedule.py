@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+import orjson
 import pytest
 
 from controlplane.testing.chaos.history import Fault
@@ -132,3 +135,22 @@ def test_the_short_run_of_make_test_plays_every_kind_of_fault() -> None:
     short = set().union(*(coverage(generate(seed, shape)) for seed in SHORT_SEEDS))
     assert {"partition:bridge", "pause:leader", "kill:leader", "clock:leader", "full_stop"} <= everything
     assert short == everything, f"the short run misses {sorted(everything - short)}"
+
+
+def test_a_schedule_that_fails_to_run_is_reported_and_fails_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The runner's broad catch keeps a long run going, but never hides the failure."""
+    from controlplane.testing.chaos.cli import parse_args, run_many
+
+    args = parse_args(["--schedules", "2", "--seed", "7", "--out", str(tmp_path), "--quiet"])
+    # 4 agents is no deployment the runner knows: each run fails before starting anything.
+    reports, errors = asyncio.run(run_many(args, Options(agents=4)))
+    assert reports == []
+    assert [e.split(":", 1)[0] for e in errors] == ["seed 7", "seed 8"]
+    assert "agents must be 3 or 5" in errors[0]
+    out = capsys.readouterr()
+    assert "the run itself failed" in out.err
+    assert "2 failed to run" in out.out
+    summary = orjson.loads((tmp_path / "summary.json").read_bytes())
+    assert len(summary["run_errors"]) == 2

@@ -78,11 +78,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(generate(args.seed, shape_of(config, options)).describe())
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    reports = asyncio.run(run_many(args, options))
-    return 1 if any(r["violations"] for r in reports) else 0
+    reports, errors = asyncio.run(run_many(args, options))
+    return 1 if errors or any(r["violations"] for r in reports) else 0
 
 
-async def run_many(args: argparse.Namespace, options: Options) -> list[Report]:
+async def run_many(args: argparse.Namespace, options: Options) -> tuple[list[Report], list[str]]:
+    """Run the schedules one after another; the reports, and the runs that failed to run.
+
+    A schedule whose run fails (a port taken, an agent that never started) is recorded
+    with its traceback, counted in the summary and makes the exit code 1; the next
+    schedule still runs, so one bad start does not cost a whole night's run.
+    """
     out: Path = args.out
     reports: list[Report] = []
     errors: list[str] = []
@@ -125,7 +131,7 @@ async def run_many(args: argparse.Namespace, options: Options) -> list[Report]:
     }
     (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     print(f"wrote {out}/summary.json and one history per seed")
-    return reports
+    return reports, errors
 
 
 def describe(v: Any) -> str:
