@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
+from controlplane.testing.processes import session_members
 from tests.acceptance.conftest import (
     READY_TIMEOUT_S,
     SERVICES,
@@ -37,23 +38,6 @@ from tests.acceptance.conftest import (
 )
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
-
-
-def session_members(session_id: int) -> list[int]:
-    """Pids of every live process in the session `session_id` (agents lead their own)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        # pid (comm) state ppid pgrp session ...; comm may hold spaces and parentheses.
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 3 and fields[0] != "Z" and int(fields[3]) == session_id:
-            pids.append(int(entry.name))
-    return pids
 
 
 def processes_mentioning(text: str) -> list[str]:

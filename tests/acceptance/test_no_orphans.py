@@ -16,22 +16,9 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.testing.processes import children_of
+
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
-
-
-def children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if fields and fields[0] != "Z" and int(fields[1]) == pid:
-            found.append(int(entry.name))
-    return found
 
 
 def alive(pid: int) -> bool:

@@ -35,6 +35,8 @@ from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 
+from controlplane.testing.processes import children_of
+
 # The same live cluster as the cpctl tests: one per module, put back after each test.
 from tests.cli.conftest import Live, cli_config, live, restored  # noqa: F401 (fixtures)
 
@@ -65,24 +67,6 @@ def require_binary(name: str, package: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed: apt-get install -y {package}")
     return path
-
-
-def children_of(pid: int) -> list[int]:
-    """Every descendant of `pid` (chromedriver -> chromium -> its helpers), from /proc."""
-    parents: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = (entry / "stat").read_text()
-            ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
-            parents.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in parents.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
 
 
 def still_ours(pid: int, marks: tuple[str, ...]) -> bool:
@@ -173,7 +157,7 @@ def browser() -> Iterator[Browser]:
         yield Browser(driver, ARTIFACTS)
     finally:
         process = getattr(service, "process", None)
-        leftovers = children_of(process.pid) if process is not None else []
+        leftovers = children_of(process.pid, recursive=True) if process is not None else []
         if driver is not None:
             with contextlib.suppress(Exception):
                 driver.quit()
