@@ -44,6 +44,44 @@ SERVICES = ("order", "inventory", "gateway")
 # with a TCP connect (which a server that accepts and hangs passes), refuses them.
 FAULT_OF = {"order": "blackhole", "inventory": "blackhole", "gateway": "refuse"}
 STAGE_TIMEOUT_S = 60.0
+TRACE_POLL_S = 0.05
+
+
+async def trace_observations(
+    url: str, session: aiohttp.ClientSession, region: str, t0: float, out: list[dict[str, Any]]
+) -> None:
+    """Every change of an observation of `region`, as replicated (seen on `url`), times from `t0`.
+
+    What a slow trial is read from: when each observer's view of each service turned,
+    whether it was inconclusive or impaired, and when it reached the store.
+    """
+    last: dict[str, tuple[Any, ...]] = {}
+    while True:
+        try:
+            async with session.get(f"{url}/v1/observations") as r:
+                body = await r.json(content_type=None)
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            body = None
+        seen = round(time.time() - t0, 3)
+        for o in (body or {}).get("observations", []):
+            if o["region"] != region:
+                continue
+            key = f"{o['observer']}/{o['service']}"
+            view = (o["up"], o.get("inconclusive"), o.get("impaired"), o.get("error"))
+            if last.get(key) != view:
+                last[key] = view
+                out.append(
+                    {
+                        "seen": seen,
+                        "key": key,
+                        "up": o["up"],
+                        "at": round(o["at"] - t0, 3),
+                        "inconclusive": o.get("inconclusive"),
+                        "impaired": o.get("impaired"),
+                        "error": o.get("error"),
+                    }
+                )
+        await asyncio.sleep(TRACE_POLL_S)
 
 
 async def leader_of(cluster: LocalCluster) -> str:
@@ -65,6 +103,29 @@ async def make_leader(cluster: LocalCluster, agent_id: str, tries: int = 12) -> 
     return False
 
 
+async def wait_witnesses(url: str, session: aiohttp.ClientSession, timeout_s: float = 60.0) -> float:
+    """Until no observer's view is impaired or inconclusive; the seconds it took.
+
+    Moving leadership pauses agents (SIGSTOP), and an agent resumed from a pause rightly
+    calls its own probes impaired for a while (`probes.timing`): an impaired observer is
+    no witness, so a fault inside that window is a compound fault (a region failing right
+    after another agent froze), detected later by design. A trial starts from steady state.
+    """
+    start = time.monotonic()
+    async with asyncio.timeout(timeout_s):
+        while True:
+            try:
+                async with session.get(f"{url}/v1/observations") as r:
+                    body = await r.json(content_type=None)
+            except (aiohttp.ClientError, TimeoutError, ValueError):
+                body = None
+            views = (body or {}).get("observations", [])
+            steady = all(o["fresh"] and not o.get("impaired") and not o.get("inconclusive") for o in views)
+            if views and steady:
+                return time.monotonic() - start
+            await asyncio.sleep(TRACE_POLL_S)
+
+
 async def trial(
     cluster: LocalCluster,
     session: aiohttp.ClientSession,
@@ -83,14 +144,20 @@ async def trial(
         other = next(a.id for a in cluster.agents.values() if a.id != victim)
         await make_leader(cluster, other)
     was_leader = await leader_of(cluster) == victim
-    revision = await settle(cluster, base)
     survivors = {a.id: a.url for a in cluster.agents.values() if a.id != victim}
+    waited_s = await wait_witnesses(next(iter(survivors.values())), session)
+    if (await leader_of(cluster) == victim) != was_leader:
+        raise RuntimeError("leadership moved while waiting for steady state")
+    revision = await settle(cluster, base)
     followers = {
         agent: Follower(url, session, [("down", lambda d: down_in(d, region, SERVICES))], revision)
         for agent, url in survivors.items()
     }
     await asyncio.sleep(random.uniform(0, interval_s))  # no fixed phase against the probes
     t_fault = time.time()
+    trace: list[dict[str, Any]] = []
+    witness = next(iter(survivors.values()))
+    tracer = asyncio.create_task(trace_observations(witness, session, region, t_fault, trace))
     tasks = [asyncio.create_task(f.run()) for f in followers.values()]
     try:
         cluster.mesh.isolate(victim, "blackhole")
@@ -103,11 +170,14 @@ async def trial(
         result = {
             "region": region,
             "victim_was_leader": was_leader,
+            "waited_for_witnesses_s": round(waited_s, 3),
             "client_all": round(max(at for at, _ in downs) - t_fault, 4),
             "committed": round(float(first["committed_at_unix"]) - t_fault, 4),
+            "reasons": [r for r in first.get("reasons", []) if region in r],
+            "trace": trace,
         }
     finally:
-        for task in tasks:
+        for task in [*tasks, tracer]:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         cluster.mesh.heal_all()
@@ -138,6 +208,11 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     f"-> every survivor's client {one['client_all']:.3f} s",
                     flush=True,
                 )
+                if one["client_all"] > window + 1.0:
+                    for t in one["trace"]:
+                        print(f"    {t}", flush=True)
+                    for r in one["reasons"]:
+                        print(f"    reason: {r}", flush=True)
     summary = {
         "all": percentiles(r["client_all"] for r in results),
         "victim_leader": percentiles(r["client_all"] for r in results if r["victim_was_leader"]),
