@@ -19,8 +19,8 @@ consensus store and may take a while, and probes must keep their rhythm meanwhil
 stalled probe loop would itself look like an outage once observations expire). Pending
 changes are coalesced per (region, service), so the backlog is bounded by the number of
 services, and the callback always sees the latest state. If the callback fails or times
-out, the same changes are retried after `retry_s`; the caller's periodic refresh from
-`current()` is the second safety net.
+out, the same changes are retried after `retry_s`, backing off to `max_retry_s`; the
+caller's periodic refresh from `current()` is the second safety net.
 
 Its own timing (`timing.py`): a probe whose deadline fired late because this process
 lagged is inconclusive, never a failure, and while the prober's loop lags (more than
@@ -87,7 +87,8 @@ class Prober:
         max_concurrency: int = 16,
         wall_clock: Callable[[], float] = time.time,
         callback_timeout_s: float = 10.0,
-        retry_s: float = 1.0,
+        retry_s: float = 0.1,
+        max_retry_s: float = 1.0,
         rng: random.Random | None = None,
         on_task_failure: FailureHandler = log_failure,
         clock: Callable[[], float] = time.monotonic,
@@ -108,6 +109,9 @@ class Prober:
         self._wall_clock = wall_clock
         self._callback_timeout_s = callback_timeout_s
         self._retry_s = retry_s
+        self._max_retry_s = max(retry_s, max_retry_s)
+        self._failed_since: float | None = None  # the first failed delivery of this outage
+        self._failed_attempts = 0
         self._rng = rng or random.Random()
         self.on_task_failure = on_task_failure
         self._semaphore = asyncio.Semaphore(max_concurrency)
@@ -272,22 +276,50 @@ class Prober:
                         await self._on_change(changed)
                 except (ControlplaneError, TimeoutError) as e:
                     # Expected while the store has no leader (an election, a partition).
-                    log.warning("cannot deliver %d change(s) yet: %s; will retry", len(changed), e)
+                    self._delivery_failed(len(changed), e, expected=True)
                     self._dirty.update(statuses)
                     return False
-                except Exception:
-                    log.exception("on_change failed; will retry %d change(s)", len(changed))
+                except Exception as e:
+                    self._delivery_failed(len(changed), e, expected=False)
                     self._dirty.update(statuses)
                     return False
+                if self._failed_since is not None:
+                    log.info(
+                        "observations delivered after %d attempts over %.1f s",
+                        self._failed_attempts + 1,
+                        self._clock() - self._failed_since,
+                    )
+                    self._failed_since, self._failed_attempts = None, 0
             self._delivered.update(statuses)
             return True
+
+    def _delivery_failed(self, count: int, error: BaseException, expected: bool) -> None:
+        """Log the first expected failure of an outage (an election fails a few in a row)."""
+        self._failed_attempts += 1
+        first = self._failed_since is None
+        if first:
+            self._failed_since = self._clock()
+        if not expected:  # a bug, not an election: every one with its traceback
+            log.error("on_change failed; will retry %d change(s)", count, exc_info=error)
+        elif first:
+            log.warning("cannot deliver %d change(s) yet: %s; will retry", count, error)
+        else:
+            log.debug("delivery attempt %d failed: %s", self._failed_attempts, error)
+
+    def _retry_delay(self) -> float:
+        """`retry_s` after the first failure, doubling up to `max_retry_s`.
+
+        The first retry comes soon: a down observation waits for it, and an election
+        (the usual cause) is over in well under a second.
+        """
+        return min(self._max_retry_s, self._retry_s * 2 ** max(0, self._failed_attempts - 1))
 
     async def _notify_loop(self) -> None:
         while True:
             await self._wakeup.wait()
             self._wakeup.clear()
             if not await self.flush():
-                await asyncio.sleep(self._retry_s)
+                await asyncio.sleep(self._retry_delay())
                 self._wakeup.set()
 
     def _summary(self, key: ServiceKey) -> Observation | None:

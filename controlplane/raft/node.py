@@ -770,6 +770,7 @@ class RaftNode:
         if rd.term != self._term:
             self._fresh_until = 0.0  # freshness is per term
             self._peer_acked.clear()
+            self._abandon_forwards(rd.term)
         if rd.role is Role.LEADER and self._role is not Role.LEADER:
             start = core.log.last_index()
             noop_ctime = core.log.entry(start).ctime if start > core.log.offset else 0.0
@@ -780,6 +781,26 @@ class RaftNode:
         if self._role is Role.LEADER and rd.role is not Role.LEADER:
             log.info("raft %s is no longer the leader (term %d)", self.id, rd.term)
         self._role, self._leader, self._term = rd.role, rd.leader, rd.term
+
+    def _abandon_forwards(self, term: int) -> None:
+        """Fail proposals forwarded to a leader of an earlier term, now, not at their timeout.
+
+        A new term means that leader's answer may never come (it died or was cut off,
+        which is why the term moved on). The outcome is unknown, as on a timeout (the
+        entry may still commit), so callers retry as they would then: observations
+        replace themselves and intents apply once by id. Waiting out the forward timeout
+        instead delayed a black-holed region's down observation by seconds.
+        """
+        if not self._forwards:
+            return
+        for fwd in self._forwards.values():
+            self._fail(
+                fwd.futures,
+                NotLeaderError(
+                    f"forwarded to {fwd.leader}, then term {term} began before it answered; outcome unknown"
+                ),
+            )
+        self._forwards.clear()
 
     # -- snapshots ----------------------------------------------------------------------------------------
 

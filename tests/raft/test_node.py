@@ -7,11 +7,18 @@ import logging
 import os
 import random
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from controlplane.raft.errors import DiskFailedError, NoLeaderError, RaftBindError, RaftConfigError
+from controlplane.raft.errors import (
+    DiskFailedError,
+    NoLeaderError,
+    NotLeaderError,
+    RaftBindError,
+    RaftConfigError,
+)
 from controlplane.raft.node import RaftNode
 from controlplane.raft.settings import RaftLimits, RaftTimings
 from tests.raft.harness import FAST, SECRET, ListSM, LocalCluster, MeshThread, wait_for
@@ -184,6 +191,25 @@ def test_damaged_journal_is_reported_once_and_healed_from_the_leader(
         wait_for("leader caught up", lambda: len(cluster.sms[leader].items) == 40)
         assert cluster.sms[victim].items == cluster.sms[leader].items
         assert cluster.nodes[victim].propose(b"more").result(10) == 41
+
+
+def test_a_forward_to_a_deposed_leader_fails_when_the_term_changes_not_at_its_timeout(tmp_path: Path) -> None:
+    # A follower forwards a proposal to the leader it knows; that leader dies. Waiting
+    # for the forward's timeout (2 s by default) then the caller's retry delayed a
+    # region's down observation by ~3 s in bench.blackhole. A new term means the old
+    # leader's answer may never come: fail it then, typed, outcome unknown.
+    timings = replace(FAST, forward_timeout_s=30.0, commit_timeout_s=30.0)
+    with LocalCluster(tmp_path, timings=timings).start_all() as cluster:
+        old = cluster.leader()
+        follower = next(i for i in cluster.ids if i != old)
+        assert cluster.nodes[follower].propose(b"before").result(10) == 1
+        wait_for("follower knows the leader", lambda: cluster.nodes[follower].status().leader == old)
+        cluster.stop(old)
+        fut = cluster.nodes[follower].propose(b"to-the-dead-leader")
+        with pytest.raises((NotLeaderError, NoLeaderError), match=r"term|leader"):
+            fut.result(10)  # far below the 30 s forward timeout
+        new = cluster.leader(15)
+        assert new != old
 
 
 def test_minority_node_refuses_fast_and_is_not_fresh(tmp_path: Path) -> None:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
+import logging
 import random
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
@@ -12,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from controlplane.errors import NoQuorum
 from controlplane.model import Observation
 from controlplane.probes import (
     MAX_BODY_BYTES,
@@ -624,6 +628,40 @@ async def test_a_failing_callback_is_retried(service: FakeService) -> None:
         await prober.stop()
     assert attempts == 2
     assert [o.up for call in delivered for o in call] == [True]
+
+
+async def test_delivery_retries_back_off_and_log_one_warning_per_outage(
+    service: FakeService, caplog: pytest.LogCaptureFixture
+) -> None:
+    # An election makes a few deliveries fail in a row: the first retry must come soon
+    # (a down observation waits for it), later ones back off, and the log says it once.
+    attempts: list[float] = []
+    done = asyncio.Event()
+
+    async def electing(observations: list[Observation]) -> None:
+        attempts.append(time.monotonic())
+        if len(attempts) <= 5:
+            raise NoQuorum("no raft leader is known right now")
+        done.set()
+
+    target = http_target(service.url, rise=1, interval_s=10.0)
+    prober = Prober("a", [target], on_change=electing, retry_s=0.01, max_retry_s=1.0)
+    await prober.start()
+    try:
+        with caplog.at_level(logging.INFO, logger="controlplane.probes.prober"):
+            await prober.probe_once(target)
+            async with asyncio.timeout(5):
+                await done.wait()
+    finally:
+        await prober.stop()
+    gaps = [b - a for a, b in itertools.pairwise(attempts)]
+    assert len(attempts) == 6
+    # Backed off: waits of 0.01, 0.02, 0.04, 0.08, 0.16 s (a sleep never ends early).
+    assert gaps[-1] >= 0.15 and sum(gaps) >= 0.3, gaps
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    assert "no raft leader" in warnings[0].getMessage()
+    assert any("delivered after 6 attempts" in r.getMessage() for r in caplog.records)
 
 
 def prober_tasks(before: set[asyncio.Task[object]]) -> set[asyncio.Task[object]]:
