@@ -312,7 +312,7 @@ class Prober:
         The first retry comes soon: a down observation waits for it, and an election
         (the usual cause) is over in well under a second.
         """
-        return min(self._max_retry_s, self._retry_s * 2 ** max(0, self._failed_attempts - 1))
+        return min(self._max_retry_s, self._retry_s * (1 << min(16, max(0, self._failed_attempts - 1))))
 
     async def _notify_loop(self) -> None:
         while True:
