@@ -27,8 +27,8 @@ def _same_target(a: Intent, b: Intent) -> bool:
             return a.service == b.service
         case IntentKind.FEATURE:
             return a.feature == b.feature
-        case IntentKind.FREEZE:
-            return True
+        case IntentKind.FREEZE | IntentKind.DRILL:
+            return True  # one at a time
         case _:
             return False
 

@@ -75,6 +75,7 @@ class IntentKind(enum.StrEnum):
     FEATURE = "feature"
     FREEZE = "freeze"
     UNFREEZE = "unfreeze"
+    DRILL = "drill"
 
 
 # Kinds that stand until cleared; undrain and unfreeze only clear standing ones.
@@ -85,6 +86,7 @@ STANDING_KINDS = frozenset(
         IntentKind.OVERRIDE,
         IntentKind.FEATURE,
         IntentKind.FREEZE,
+        IntentKind.DRILL,
     }
 )
 
@@ -120,8 +122,8 @@ class Observation(Record):
 class Intent(Record):
     """An operator's instruction, committed through consensus with who and why.
 
-    Only the fields of its kind are set: `region`/`service` for drain and undrain
-    (service None means every service), `from_region`/`to_region`/`service` for
+    Only the fields of its kind are set: `region`/`service` for drain, undrain and
+    drill (service None means every service), `from_region`/`to_region`/`service` for
     failover, `service`/`weights` for override, `feature`/`enabled` for feature.
     `seq` is assigned by the store when the intent is committed and orders intents.
     `expires_at` (cluster time), when set, is when the intent stops by itself: the leader
@@ -151,7 +153,7 @@ class Intent(Record):
         """A short human sentence, used in reasons and history."""
         scope = f"/{self.service}" if self.service else ""
         match self.kind:
-            case IntentKind.DRAIN | IntentKind.UNDRAIN:
+            case IntentKind.DRAIN | IntentKind.UNDRAIN | IntentKind.DRILL:
                 what = f"{self.kind} {self.region}{scope}"
             case IntentKind.FAILOVER:
                 what = f"failover {self.from_region} -> {self.to_region}{scope or ' (all services)'}"

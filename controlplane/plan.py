@@ -104,8 +104,63 @@ def plan(
     return decide(policy, observations, standing, state.decision, now, intent_seq=seq)
 
 
-def check_safe(policy: Policy, state: ControlState, intent: Intent, now: float) -> Decision:
-    """The planned decision with `intent`; `Unsafe` when a safety rule would refuse it."""
+def drill_refusal(
+    policy: Policy, state: ControlState, intent: Intent, now: float, stale_s: float | None
+) -> str | None:
+    """Why a drill may not start now, in one line; None when it may.
+
+    A drill proves recovery from a healthy steady state; it must never become the
+    second failure of a real outage. So it is refused while this agent's view is stale,
+    while automation is frozen or a service is in panic, while anything is already
+    down, degraded, drained, switched off or shed, while another drill runs, and when
+    the drilled region's loss would leave a service below `min_healthy_regions`.
+    """
+    decision = state.decision
+    if decision is None:
+        return "the cluster has not committed a decision yet"
+    if stale_s is not None:
+        return f"this agent's decision is stale ({stale_s:.1f} s): it cannot tell the drill from an outage"
+    if decision.frozen:
+        return "automation is frozen: a drill measures automation"
+    if decision.panic:
+        return f"in panic for {', '.join(decision.panic_services)}"
+    for other in active(state.intents, now).values():
+        if other.kind == IntentKind.DRILL:
+            return f"another drill is running: {other.describe()}"
+    problems = [
+        f"{region}/{service} is {p.state}"
+        for service, placements in sorted(decision.services.items())
+        for region, p in sorted(placements.items())
+        if p.state != State.HEALTHY or p.ramp < 1.0
+    ]
+    problems += [f"feature {name} is off" for name, on in sorted(decision.features.items()) if not on]
+    if decision.shed_fraction > 0:
+        problems.append(f"{decision.shed_fraction:.0%} of low-priority traffic is shed")
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        return f"the cluster is already degraded: {shown}"
+    after = plan(policy, state, now, intents=[intent])
+    for service, placements in sorted(after.services.items()):
+        serving = sum(1 for p in placements.values() if p.weight > 0)
+        if intent.service in (None, service) and serving < policy.min_healthy_regions:
+            return (
+                f"{service} would be left with {serving} serving region(s), "
+                f"below min_healthy_regions ({policy.min_healthy_regions})"
+            )
+    return None
+
+
+def check_safe(
+    policy: Policy, state: ControlState, intent: Intent, now: float, stale_s: float | None = None
+) -> Decision:
+    """The planned decision with `intent`; `Unsafe` when a safety rule would refuse it.
+
+    `stale_s` is how stale the asking agent's view is (None when fresh); it matters to drills.
+    """
+    if intent.kind == IntentKind.DRILL:
+        refusal = drill_refusal(policy, state, intent, now, stale_s)
+        if refusal is not None:
+            raise Unsafe(f"refused: no drill of {intent.region} now", refusal)
     after = plan(policy, state, now, intents=[intent])
     if intent.kind in (IntentKind.DRAIN, IntentKind.FAILOVER):
         region = intent.region if intent.kind == IntentKind.DRAIN else intent.from_region

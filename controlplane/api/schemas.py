@@ -96,8 +96,32 @@ class UnfreezeBody(_Body):
     kind: Literal["unfreeze"]
 
 
+# The longest a drill may last: a rehearsal, not a way of working.
+MAX_DRILL_S = 86400.0
+
+
+class DrillBody(_Body):
+    """A rehearsed failure of `region` (every service, or `service`) for `for_s` seconds.
+
+    The region is judged down exactly as a failure would judge it; the drill always
+    ends by itself (`for_s` is required), even if whoever started it is gone.
+    """
+
+    kind: Literal["drill"]
+    region: NameStr
+    service: NameStr | None = None
+    for_s: Annotated[float, Field(gt=0, le=MAX_DRILL_S)]
+
+
 IntentBody = Annotated[
-    DrainBody | UndrainBody | FailoverBody | OverrideBody | FeatureBody | FreezeBody | UnfreezeBody,
+    DrainBody
+    | UndrainBody
+    | FailoverBody
+    | OverrideBody
+    | FeatureBody
+    | FreezeBody
+    | UnfreezeBody
+    | DrillBody,
     Field(discriminator="kind"),
 ]
 

@@ -28,6 +28,7 @@ from controlplane.api.read import decision_body
 from controlplane.api.schemas import (
     DeleteIntentBody,
     DrainBody,
+    DrillBody,
     FailoverBody,
     FeatureBody,
     IntentRequest,
@@ -62,7 +63,8 @@ def validation_problem(e: ValidationError, drop: int = 0) -> Rejected:
             for p in err["loc"][drop:]
             if not (
                 isinstance(p, str)
-                and p in {"drain", "undrain", "failover", "override", "feature", "freeze", "unfreeze"}
+                and p
+                in {"drain", "undrain", "failover", "override", "feature", "freeze", "unfreeze", "drill"}
             )
         ]
         where = ".".join(loc) or "body"
@@ -73,7 +75,7 @@ def validation_problem(e: ValidationError, drop: int = 0) -> Rejected:
 def to_intent(body: Any, who: str, now: float) -> Intent:
     """The intent a body asks for, on behalf of `who` (the token's name, never the body's)."""
     fields: dict[str, Any] = {}
-    if isinstance(body, DrainBody | UndrainBody):
+    if isinstance(body, DrainBody | UndrainBody | DrillBody):
         fields = {"region": body.region, "service": body.service}
     elif isinstance(body, FailoverBody):
         fields = {"from_region": body.from_region, "to_region": body.to_region, "service": body.service}
@@ -122,7 +124,7 @@ async def post_intent(request: web.Request) -> web.StreamResponse:
     state = node.state()
     if not already_applied(state, intent.id):
         apply_intent(state.intents, intent)  # Rejected (nothing to undrain, ...) changes nothing
-        check_safe(policy, state, intent, now)
+        check_safe(policy, state, intent, now, node.stale_for_s())
     committed = await node.store.submit_intent(intent)
     revision = await revision_carrying(node, committed.seq)
     audit(
@@ -228,7 +230,7 @@ async def post_plan(request: web.Request) -> web.StreamResponse:
     for intent in intents:
         # Each intent is judged as if the ones before it were committed.
         try:
-            check_safe(policy, so_far, intent, now)
+            check_safe(policy, so_far, intent, now, node.stale_for_s())
         except Unsafe as e:
             refusals.append(f"{intent.describe()}: {e.message}: {e.detail}")
         seq = so_far.intent_seq + 1

@@ -120,7 +120,7 @@ def _track(
     if is_down:
         pair.serving_since = None
         pair.ramp = 0.0
-        if j.fresh and j.verdict == Verdict.DOWN:
+        if (j.fresh or j.drill) and j.verdict == Verdict.DOWN:
             b.reasons.append(f"{name} down: {j.down_sentence()}")
         return pair
     if j.down and j.fresh:
@@ -175,6 +175,27 @@ def _ramp(policy: Policy, service: str, pair: Pair, prev: Placement | None, now:
         b.reasons.append(
             f"{pair.region}/{service} ramping: {pct(pair.ramp)} of its share until {ts(next_step)}"
         )
+
+
+def _drilled(
+    policy: Policy, judgements: Mapping[tuple[str, str], Judgement], standing: list[Intent]
+) -> Mapping[tuple[str, str], Judgement]:
+    """Judgements with the pairs a standing drill names judged down, as a failure would be.
+
+    A drill is a rehearsed failure: everything after the verdict (panic, degradation,
+    shedding, weights, the recovery hold and ramp when it ends) runs exactly as it would
+    for a real one; only the reasons say it is a drill.
+    """
+    drills = [i for i in standing if i.kind == IntentKind.DRILL and i.region is not None]
+    if not drills:
+        return judgements
+    out = dict(judgements)
+    for drill in drills:
+        for service in [drill.service] if drill.service else policy.services:
+            key = (service, drill.region or "")
+            if key in out:
+                out[key] = replace(out[key], verdict=Verdict.DOWN, drill=drill.describe())
+    return out
 
 
 def _apply_drains(
@@ -261,7 +282,7 @@ def decide(
     b.reasons.extend(
         f"{observer} impaired: {why}; not counted" for observer, why in assessment.impaired.items()
     )
-    judgements = assessment.judgements
+    judgements = _drilled(policy, assessment.judgements, standing)
     prev_services = previous.services if previous is not None else {}
     prev_panic = set(previous.panic_services) if previous is not None else set()
 

@@ -63,6 +63,7 @@ class Judgement:
     configured: int = 0
     inconclusive: int = 0
     inconclusive_why: str | None = None
+    drill: str | None = None  # the drill that takes this pair down, in words
 
     def quorum_words(self) -> str:
         if self.configured:
@@ -70,6 +71,8 @@ class Judgement:
         return f"quorum {self.quorum}"
 
     def down_sentence(self) -> str:
+        if self.drill is not None:
+            return f"DRILL, as if it had failed: {self.drill}"
         what = f"report {self.error}" if self.error else "report it down"
         sentence = f"{self.down} of {self.fresh} observers {what}"
         return f"{sentence} ({self.quorum_words()})" if self.configured else sentence
