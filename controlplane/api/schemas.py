@@ -234,6 +234,8 @@ class IntentAccepted(BaseModel):
     # The name of the token that wrote it, recorded as the intent's `who`.
     who: str | None = None
     detail: str | None = None
+    # Cluster time when the agent took it (`cpctl drill` measures its clock offset with it).
+    created_at: float | None = None
 
 
 class IntentRemoved(BaseModel):

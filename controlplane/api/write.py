@@ -141,6 +141,7 @@ async def post_intent(request: web.Request) -> web.StreamResponse:
         "seq": committed.seq,
         "revision": revision,
         "who": principal.name,
+        "created_at": committed.created_at,
     }
     if revision is None:
         body["detail"] = "committed; the decision carrying it is not served here yet"

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import click
 
-from controlplane.cpctl import actions  # noqa: F401 - registers the commands that change traffic
+from controlplane.cpctl import actions, drill  # noqa: F401 - registers the commands that change traffic
 from controlplane.cpctl.commands import cli
 from controlplane.cpctl.errors import EXIT_REFUSED, EXIT_USAGE, CpctlError, OutputClosed
 from controlplane.cpctl.render import printable
