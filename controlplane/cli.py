@@ -219,6 +219,7 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
 
 @main.command()
 @click.option("--serve", is_flag=True, help="Keep the deployment running for exploration.")
+@click.option("--drill", is_flag=True, help="Run a drill of cn-east with cpctl and print its report.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Default: config/demo.yaml.")
 @click.option("--random-ports", is_flag=True, help="Use free ports instead of the config's (for tests).")
 @click.option("--backend", type=click.Choice(["raft", "etcd"]), default="raft")
@@ -226,6 +227,7 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep agent logs here.")
 def demo(
     serve: bool,
+    drill: bool,
     config_path: str | None,
     random_ports: bool,
     backend: str,
@@ -238,6 +240,7 @@ def demo(
     setup_logging("warning")
     options = DemoOptions(
         serve=serve,
+        drill=drill,
         config_path=Path(config_path) if config_path else None,
         random_ports=random_ports,
         backend=backend,

@@ -11,6 +11,11 @@ happened as it should (1 otherwise, saying what did not).
 
 `--serve` keeps the deployment running for a person to explore with a browser (the
 dashboard's URL is printed), curl and cpctl.
+
+`--drill` runs a drill instead of the outage: `cpctl drill cn-east` (a real cpctl
+process) takes the region out on purpose for a while, measures the recovery time to
+every agent and to the simulated load balancer (which reports what it applied, as the
+real adapters do), and prints its report.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +47,7 @@ FAILED_REGION = "cn-east"
 @dataclass
 class DemoOptions:
     serve: bool = False
+    drill: bool = False
     config_path: Path | None = None
     random_ports: bool = False
     backend: str = "raft"
@@ -157,6 +164,8 @@ async def _run(options: DemoOptions, config: dict[str, Any], out: Out) -> int:
             out(f"simulated application at {app.url}: users call {', '.join(PATHS)} (50 requests/s)")
             if options.serve:
                 return await serve_forever(out, cluster, token)
+            if options.drill:
+                return await drill_scenario(out, cluster, lb, token, options.log_dir)
             return await scripted(out, cluster, lb, app)
 
 
@@ -313,6 +322,55 @@ async def follow_revisions(cluster: LocalCluster, revisions: dict[float, str]) -
 
 def weights_short(d: dict[str, Any]) -> str:
     return "/".join(str(p["weight"]) for p in d["services"][SERVICE].values())
+
+
+DRILL_DURATION_S = 12
+DRILL_OBJECTIVE_S = 10
+
+
+async def drill_scenario(
+    out: Out, cluster: LocalCluster, lb: SimLoadBalancer, token: str, log_dir: Path | None
+) -> int:
+    """`cpctl drill` on the local deployment, as an operator would run it; its exit code."""
+    report_dir = log_dir or Path(tempfile.mkdtemp(prefix="controlplane-drill-"))
+    report_dir.mkdir(parents=True, exist_ok=True)
+    report = report_dir / f"drill-{FAILED_REGION}.md"
+    await asyncio.sleep(2)  # the load balancer's first report
+    argv = [
+        sys.executable, "-m", "controlplane.cpctl", "drill", FAILED_REGION,
+        "--duration", f"{DRILL_DURATION_S}s", "--objective", f"{DRILL_OBJECTIVE_S}s",
+        "--reason", "demo: prove the recovery time", "--report", str(report), "--yes",
+    ]  # fmt: skip
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CPCTL_")},
+        "CPCTL_ENDPOINT": ",".join(a.url for a in cluster.agents.values()),
+        "CPCTL_TOKEN": token,
+    }
+    out()
+    out(f"DRILL: {' '.join(argv[2:])}")
+    started = time.time()
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(DRILL_DURATION_S + 120):
+            async for line in proc.stdout:
+                out(f"  cpctl | {line.decode(errors='replace').rstrip()}")
+            code = await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    ok, failed = lb.totals(since=started)
+    out(f"simulated load balancer during the drill: {sum(ok.values())} requests served, "
+        f"{sum(failed.values())} failed; by region {dict(ok)}")  # fmt: skip
+    if report.exists():
+        print(f"\n----- {report} -----\n{report.read_text()}", flush=True)
+    verdict = "passed" if code == 0 else "FAILED"
+    out(f"drill {verdict} (cpctl exit {code}); report and timeline in {report_dir}")
+    return code
 
 
 async def serve_forever(out: Out, cluster: LocalCluster, token: str) -> int:

@@ -290,13 +290,15 @@ def stages(t: Timeline, served: Sequence[Served], lbs: Sequence[LbSeen]) -> dict
         lambda s: s.intent_seq >= t.drill_seq and all(w == 0 for w in _pairs(t.drilled, s, "weight")),
     )
     if down is None:
-        return out | dict.fromkeys(("committed", "served_all", "applied_all"), None)
+        keys = ("committed", "served_all", "applied_all") if t.lb_names else ("committed", "served_all")
+        return out | dict.fromkeys(keys, None)
     out["revisions"]["out"] = down.revision
     out["committed"] = since(committed(down), t.started_at)
     out["served_all"] = since(served_everywhere(served, down.revision, t.agents), t.started_at)
-    applied, late = applied_everywhere(lbs, down.revision, t.lb_names)
-    out["applied_all"] = since(applied, t.started_at) if t.lb_names else None
-    out["late_lbs"] = late
+    if t.lb_names:
+        applied, late = applied_everywhere(lbs, down.revision, t.lb_names)
+        out["applied_all"] = since(applied, t.started_at)
+        out["late_lbs"] = late
     if t.ended_at is None:
         return out
     back = first_revision(
@@ -317,12 +319,10 @@ def stages(t: Timeline, served: Sequence[Served], lbs: Sequence[LbSeen]) -> dict
     out["back_weight_all"] = (
         since(served_everywhere(served, weight.revision, t.agents), t.ended_at) if weight else None
     )
-    if weight is not None and t.lb_names:
-        applied, late = applied_everywhere(lbs, weight.revision, t.lb_names)
+    if t.lb_names:
+        applied, late = applied_everywhere(lbs, weight.revision, t.lb_names) if weight else (None, [])
         out["back_applied_all"] = since(applied, t.ended_at)
-        out["back_late_lbs"] = late
-    else:
-        out["back_applied_all"] = None
+        out["back_late_lbs"] = late if weight else list(t.lb_names)
     out["back_full_all"] = (
         since(served_everywhere(served, full.revision, t.agents), t.ended_at) if full else None
     )

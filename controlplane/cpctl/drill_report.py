@@ -62,6 +62,11 @@ def markdown(result: Json, chart_name: str | None = None) -> str:
     for key, words in STAGE_WORDS.items():
         if key in stages:
             out.append(f"| {words} | {_s(stages[key])} |")
+    out += [
+        "",
+        "A drill takes the region out by intent: the probes' detection time (fall x interval",
+        "+ timeout on the agents) is not in these numbers; a real failure adds it first.",
+    ]
     out += ["", "## Load balancers", ""]
     lbs = result.get("lbs", [])
     if not lbs:
