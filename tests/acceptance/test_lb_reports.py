@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import secrets
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +35,7 @@ from tests.acceptance.lb_fixtures import (
     every_agent,
     lb_config,
 )
+from tests.acceptance.test_lb_cpctl import CPCTL
 from tests.acceptance.test_lb_haproxy import haproxy_adapter
 from tests.acceptance.test_lb_nginx import nginx_adapter
 
@@ -89,6 +92,14 @@ async def scrape(cluster: LocalCluster, agent_id: str) -> str:
     async with cluster.session.get(cluster.agents[agent_id].url + "/metrics") as r:
         assert r.status == 200
         return await r.text()
+
+
+async def cpctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
+    endpoints = ",".join(a.url for a in cluster.agents.values())
+    env = {"CPCTL_ENDPOINT": endpoints, "PATH": "/usr/bin:/bin", "COLUMNS": "200", "NO_COLOR": "1"}
+    return await asyncio.to_thread(
+        subprocess.run, [str(CPCTL), *args], capture_output=True, text=True, env=env, timeout=60, check=False
+    )
 
 
 async def test_every_agent_sees_what_each_lb_applied_and_forgets_a_dead_one(
@@ -156,6 +167,17 @@ async def test_every_agent_sees_what_each_lb_applied_and_forgets_a_dead_one(
             status = adapter.status()
             assert status["applied_revision"] >= revision, status
             assert status["applied_at"] >= fault_wall, status
+        shown = await cpctl(c, "status")
+        assert shown.returncode == 0, shown.stderr
+        assert "load balancers (2)" in shown.stdout, shown.stdout
+        for name in (HAPROXY_NAME, NGINX_NAME):
+            (row,) = [line for line in shown.stdout.splitlines() if name in line]
+            assert "in-sync" in row, row
+        shown = await cpctl(c, "status", "-o", "json")
+        assert shown.returncode == 0, shown.stderr
+        listed = json.loads(shown.stdout)["lbs"]
+        assert [lb["name"] for lb in listed["lbs"]] == [HAPROXY_NAME, NGINX_NAME], listed
+        assert listed["limit"] == 1024
         first = next(iter(c.agents))
         metrics = await scrape(c, first)
         assert f'controlplane_lb_ok{{lb="{NGINX_NAME}"}} 1.0' in metrics, lb_series(metrics, NGINX_NAME)
