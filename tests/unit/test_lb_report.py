@@ -267,3 +267,15 @@ async def test_stop_ends_the_reporter_even_with_a_report_in_flight(fakes: list[F
     await eventually(lambda: agent.in_flight == 1, "a report in flight")
     stop.set()
     await asyncio.wait_for(task, 2)
+
+
+async def test_flush_tells_every_agent_once(fakes: list[FakeAgent]) -> None:
+    a, b = await start(fakes, 2)
+    status = StatusFile(None, "nginx")
+    reporter = reporter_for(status, [a.url, b.url], name="ngx@once", heartbeat_s=5.0)
+    assert reporter is not None
+    status.update(ok=True, revision=4, applied_revision=4, applied_epoch="e")
+    await reporter.flush()
+    for agent in (a, b):
+        ((name, body, _),) = agent.bodies
+        assert name == "ngx@once" and body["applied_revision"] == 4 and body["ok"] is True
