@@ -5,8 +5,8 @@ name (recorded as "who" in the history and the audit log) and a scope. Scopes ar
 ordered, each including the ones before it:
 
 - `read`: every read route (decision, weights, history, plans, OFREP);
-- `lb`: for load balancer adapters: reads, and the status reports of `POST /v1/lbs/{name}`
-  once the agents take them (that route is not in this version);
+- `lb`: for load balancer adapters: reads, and the status reports they send to
+  `POST /v1/lbs/{name}` (what they applied, when, and their errors; see `lbreports`);
 - `operate`: also drain, undrain, fail over, override, switch features and remove
   intents;
 - `admin`: also freeze and unfreeze automation, and the debug routes.

@@ -277,7 +277,9 @@ def _lb_options(f: Any) -> Any:
             "--service", "services", multiple=True, help="Only these services (default: all mapped)."
         ),
         click.option(
-            "--token", envvar="CONTROLPLANE_READ_TOKEN", help="Read token, when the agents need one."
+            "--token",
+            envvar="CONTROLPLANE_READ_TOKEN",
+            help="Token for the agents: scope lb reads and reports (POST /v1/lbs); read only reads.",
         ),
         click.option(
             "--wait", "wait_s", type=float, default=10.0, show_default=True, help="Long-poll seconds."
@@ -285,10 +287,32 @@ def _lb_options(f: Any) -> Any:
         click.option("--status-file", type=click.Path(dir_okay=False, path_type=Path), help="JSON status."),
         click.option("--once", is_flag=True, help="Apply the current decision once; exit 1 if it failed."),
         click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info"),
+        click.option(
+            "--name",
+            "report_name",
+            callback=_check_lb_name,
+            help="Name this load balancer reports as (1-64 of A-Za-z0-9._@-). Default: ADAPTER@HOSTNAME.",
+        ),
+        click.option(
+            "--report-s",
+            "report_s",
+            type=click.FloatRange(min=0, max=3600),
+            default=5.0,
+            show_default=True,
+            help="Report to every agent this often and on every change; 0: never.",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _check_lb_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    from controlplane.lbreports import valid_name
+
+    if value is not None and not valid_name(value):
+        raise click.BadParameter(f"1-64 characters of letters, digits and ._@- (got {value!r})")
+    return value
 
 
 def _run_adapter(main_coro: Any, source: str) -> None:
@@ -323,6 +347,8 @@ def lb_haproxy(
     status_file: Path | None,
     once: bool,
     log_level: str,
+    report_name: str | None,
+    report_s: float,
     socket_path: Path,
     map_path: Path,
     reconcile_s: float,
@@ -343,6 +369,8 @@ def lb_haproxy(
             token=token,
             once=once,
             stop=stop,
+            report_name=report_name,
+            report_s=report_s,
         ),
         "lb haproxy",
     )
@@ -368,6 +396,8 @@ def lb_nginx(
     status_file: Path | None,
     once: bool,
     log_level: str,
+    report_name: str | None,
+    report_s: float,
     template: Path,
     output: Path,
     map_path: Path,
@@ -394,6 +424,8 @@ def lb_nginx(
             token=token,
             once=once,
             stop=stop,
+            report_name=report_name,
+            report_s=report_s,
         ),
         "lb nginx",
     )

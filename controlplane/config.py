@@ -372,6 +372,9 @@ class ApiConfig(_Strict):
     body_timeout_s: Annotated[float, Strict(), Field(gt=0, le=300)] = 10.0
     max_wait_s: Annotated[float, Strict(), Field(gt=0, le=600)] = 300.0
     history_page_max: Annotated[int, Strict(), Field(ge=1, le=10_000)] = 500
+    # A load balancer's report is kept for 10 of its heartbeats without a newer one, and
+    # never less than this (see controlplane/lbreports.py).
+    lb_report_min_expiry_s: Annotated[float, Strict(), Field(ge=1, le=86_400)] = 60.0
 
 
 class RaftConfig(_Strict):

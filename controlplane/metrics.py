@@ -11,19 +11,25 @@ from /proc), `controlplane_build_info` (version, Python), and
 `controlplane_asyncio_tasks{loop}`, the unfinished asyncio tasks of each event loop the
 agent runs (`main`, `prober`), counted at scrape time: a count that only grows is a
 leaked task.
+
+Load balancers (issue 17): `controlplane_lb_applied_revision_lag{lb}`,
+`controlplane_lb_report_age_seconds{lb}` and `controlplane_lb_ok{lb}`, computed at
+scrape time from the reports this agent holds (`lbreports`), so an LB whose report
+expired has no series left: the label set is bounded by the registry's bound.
 """
 
 from __future__ import annotations
 
 import asyncio
 import platform
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from controlplane import __version__
+from controlplane.lbreports import LbView
 from controlplane.model import Decision, State, Verdict
 from controlplane.state import StoreStatus
 
@@ -56,6 +62,42 @@ class TaskCounter(Collector):
         yield family
 
 
+class LbReportCollector(Collector):
+    """The `controlplane_lb_*` gauges, one series per LB this agent holds a report of."""
+
+    def __init__(self) -> None:
+        self._source: Callable[[], Iterable[LbView]] | None = None
+
+    def set_source(self, source: Callable[[], Iterable[LbView]]) -> None:
+        self._source = source
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        lag = GaugeMetricFamily(
+            "controlplane_lb_applied_revision_lag",
+            "Revisions the load balancer's applied decision is behind the one this agent serves",
+            labels=["lb"],
+        )
+        age = GaugeMetricFamily(
+            "controlplane_lb_report_age_seconds",
+            "Seconds since the load balancer last reported to this agent",
+            labels=["lb"],
+        )
+        ok = GaugeMetricFamily(
+            "controlplane_lb_ok",
+            "1 when the load balancer's last report says ok, 0 when it reports a failure",
+            labels=["lb"],
+        )
+        for view in self._source() if self._source is not None else ():
+            if view.lag_revisions is not None:
+                lag.add_metric([view.name], view.lag_revisions)
+            age.add_metric([view.name], view.age_s)
+            if view.ok_metric is not None:
+                ok.add_metric([view.name], view.ok_metric)
+        yield lag
+        yield age
+        yield ok
+
+
 class Metrics:
     def __init__(self, agent_id: str, registry: CollectorRegistry | None = None) -> None:
         self.agent_id = agent_id
@@ -66,6 +108,8 @@ class Metrics:
         self.build_info.info({"version": __version__, "python": platform.python_version(), "agent": agent_id})
         self.tasks = TaskCounter()
         r.register(self.tasks)
+        self.lb_reports = LbReportCollector()
+        r.register(self.lb_reports)
         self.probe_duration = Histogram(
             "controlplane_probe_duration_seconds",
             "Duration of probes by this agent",

@@ -16,6 +16,7 @@ from controlplane.agent.feed import RevisionFeed
 from controlplane.config import Settings
 from controlplane.consensus.base import ControlStore
 from controlplane.errors import Overloaded
+from controlplane.lbreports import Current, LbRegistry, LbView
 from controlplane.metrics import Metrics
 from controlplane.state import ControlState, StoreStatus
 
@@ -37,6 +38,9 @@ class Node:
     started_at: float = field(default_factory=time.time)
     started_mono: float = field(default_factory=time.monotonic)
     feed: RevisionFeed = field(init=False)
+    # What the load balancers reported to this agent (not replicated: they report to
+    # every agent).
+    lbs: LbRegistry = field(init=False)
     watchers: int = 0
     # (revision, JSON body, SSE event) of the served decision, shared by every reader.
     encoded: tuple[int, bytes, bytes] | None = None
@@ -45,6 +49,8 @@ class Node:
         self.feed = RevisionFeed(self.store, lambda: self.stale_for_s() is not None)
         # Read at scrape time: opening and closing a watcher costs no gauge lock (issue 15).
         self.metrics.watchers.set_function(lambda: self.watchers)
+        self.lbs = LbRegistry(min_expiry_s=self.settings.model.api.lb_report_min_expiry_s)
+        self.metrics.lb_reports.set_source(self.lb_views)
 
     @contextlib.contextmanager
     def watcher(self) -> Iterator[None]:
@@ -83,6 +89,20 @@ class Node:
             return None
         since = status.quorum_lost_at if status.quorum_lost_at is not None else self.started_at
         return max(0.0, self.clock() - since)
+
+    def lb_current(self) -> Current:
+        """The decision the load balancers are judged against: the one this agent serves."""
+        decision = self.state().decision
+        if decision is None:
+            return Current(revision=None, epoch="", age_s=None)
+        age_s = max(0.0, self.cluster_now_or_wall() - decision.committed_at)
+        return Current(revision=decision.revision, epoch=decision.epoch, age_s=age_s)
+
+    def lb_views(self) -> list[LbView]:
+        """Every load balancer's latest report and state, by name (expired ones dropped)."""
+        now = self.clock()
+        current = self.lb_current()
+        return [entry.view(current, now) for entry in self.lbs.entries(now)]
 
     def http_address_of(self, agent_id: str | None) -> str | None:
         for agent in self.settings.cluster.agents:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, TypeAdapter
 from controlplane import __version__
 from controlplane.api import schemas as s
 from controlplane.api import ui
+from controlplane.lbreports import NAME_PATTERN
 
 JSON = "application/json"
 
@@ -99,6 +100,9 @@ def build() -> dict[str, Any]:
         s.PlacementOut,
         s.PlanBody,
         s.DeleteIntentBody,
+        s.LbReportBody,
+        s.LbOut,
+        s.LbsOut,
         s.IntentRemoved,
         s.OfrepRequest,
         s.OfrepEvaluation,
@@ -206,6 +210,28 @@ def build() -> dict[str, Any]:
                     "404": _answer("Unknown name", s.ErrorOut),
                     "413": {"description": "Body too large"},
                     **READ_ERRORS,
+                },
+            }
+        },
+        "/v1/lbs": _get("Every load balancer's latest report and state, by name", s.LbsOut),
+        "/v1/lbs/{name}": {
+            "post": {
+                "summary": "A load balancer adapter reports what it applied (scope lb)",
+                "security": [{"bearer": []}],
+                "parameters": [
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string", "pattern": NAME_PATTERN},
+                    }
+                ],
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref(s.LbReportBody)}}},
+                "responses": {
+                    "200": _answer("Kept; the load balancer as this agent now shows it", s.LbOut),
+                    "413": {"description": "Body too large"},
+                    "429": _answer("A new name, and this agent keeps reports of 1024 already", s.ErrorOut),
+                    **{k: v for k, v in ERRORS.items() if k != "503"},
                 },
             }
         },

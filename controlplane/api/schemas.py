@@ -146,6 +146,63 @@ class DeleteIntentBody(BaseModel):
     who: Who | None = None
 
 
+# -- load balancer reports (issue 17) -------------------------------------------------
+
+# Unix times a report may carry: from 1970 to the year 2286.
+UnixTime = Annotated[float, Field(ge=0, le=1e10, allow_inf_nan=False)]
+Revision = Annotated[int, Field(ge=0, le=2**63 - 1)]
+LbError = Annotated[str, Field(min_length=1, max_length=500), AfterValidator(_no_control)]
+
+
+class LbReportBody(BaseModel):
+    """`POST /v1/lbs/{name}`: what a load balancer adapter applied, and how it is doing."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    adapter: Annotated[str, Field(pattern=r"^[a-z][a-z0-9_-]{0,31}$")] = Field(
+        description="which adapter: haproxy, nginx"
+    )
+    applied_revision: Revision | None = Field(description="the revision in force in the load balancer")
+    applied_epoch: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")] | None = Field(
+        description="the epoch of that revision; null when the decision carries none"
+    )
+    applied_at: UnixTime | None = Field(description="when that revision was applied (the adapter's clock)")
+    desired_revision: Revision | None = Field(description="the last revision the adapter received")
+    ok: bool | None = Field(description="whether the last attempt to apply succeeded; null before any")
+    error: LbError | None = Field(description="what is wrong now, in words; null when nothing")
+    heartbeat_s: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = Field(
+        description="the adapter reports at least this often"
+    )
+
+
+class LbOut(BaseModel):
+    name: str
+    adapter: str
+    applied_revision: int | None
+    applied_epoch: str | None
+    applied_at: float | None
+    desired_revision: int | None
+    reported_at: float = Field(description="when this agent received the report (its clock)")
+    age_s: float = Field(description="seconds since then")
+    ok: bool | None
+    error: str | None
+    heartbeat_s: float
+    lag_revisions: int | None = Field(
+        description="revisions behind the decision this agent serves; null without one"
+    )
+    state: Literal["in-sync", "applying", "lagging", "failing", "silent"] = Field(
+        description="silent: no report for 3 heartbeats; failing: not ok or an error; in-sync: "
+        "applied this agent's revision; applying: behind, the decision younger than 2 "
+        "heartbeats; lagging: behind, and older"
+    )
+
+
+class LbsOut(BaseModel):
+    revision: int | None = Field(description="the revision this agent serves")
+    lbs: list[LbOut]
+    limit: int = Field(description="how many load balancers an agent keeps reports of")
+
+
 # -- responses -----------------------------------------------------------------------
 
 

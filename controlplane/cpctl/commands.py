@@ -17,7 +17,7 @@ import click
 
 from controlplane.client.following import Following, Served
 from controlplane.cpctl import render
-from controlplane.cpctl.errors import CpctlError
+from controlplane.cpctl.errors import CpctlError, Refused
 from controlplane.cpctl.follow import follow as follow_decisions
 from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import CpctlGroup, Settings, command, global_options
@@ -52,24 +52,38 @@ def cli() -> None:
 @command(cli, "status")
 @pass_settings
 def status(settings: Settings) -> None:
-    """The whole picture: cluster, weights, reasons.
+    """The whole picture: cluster, weights, reasons, load balancers.
 
     The cluster as the agent asked sees it (leader, members and whether they are
     connected, term, quorum), then the decision it serves: revision and age, weight and
     state per service and region, features off, shedding, panic, frozen, stale, and the
-    reasons for all of it.
+    reasons for all of it; then the load balancers that report to it (what each applied,
+    how far behind, when it last reported, its state and error), when any does.
 
-    With -o json: {"cluster": GET /v1/cluster, "decision": GET /v1/decision}.
+    With -o json: {"cluster": GET /v1/cluster, "decision": GET /v1/decision, "members":
+    each member's own GET /v1/cluster, "lbs": GET /v1/lbs (null from an agent without
+    that route)}.
     """
     client = settings.client()
     # The decision first: it moves the client to an agent with quorum when there is one.
     decision = client.get("/v1/decision").body
     cluster = client.get("/v1/cluster").body
+    lbs = lb_reports(client)
     views = member_views(client, cluster)
     if settings.json:
-        emit_json({"cluster": cluster, "decision": decision, "members": views})
+        emit_json({"cluster": cluster, "decision": decision, "members": views, "lbs": lbs})
         return
-    render.make_console().print(render.status(cluster, decision, time.time(), views))
+    render.make_console().print(render.status(cluster, decision, time.time(), views, lbs))
+
+
+def lb_reports(client: Client) -> Any:
+    """GET /v1/lbs from the agent that served the decision; None from an agent without it."""
+    try:
+        return client.get("/v1/lbs").body
+    except Refused as e:
+        if e.status == 404:
+            return None
+        raise
 
 
 MEMBER_VIEW_TIMEOUT_S = 2.0

@@ -199,8 +199,50 @@ def self_view(view: Json | str) -> list[RenderableType]:
     ]
 
 
+LB_STATE_STYLES = {
+    "in-sync": "green",
+    "applying": "yellow",
+    "lagging": "bold yellow",
+    "failing": "bold red",
+    "silent": "bold red",
+}
+
+
+def lbs_table(body: Json | None) -> Table | None:
+    """The load balancers that report to the agent, by name; None when none does."""
+    rows = (body or {}).get("lbs") or []
+    if not rows:
+        return None
+    table = Table(
+        title=f"load balancers ({len(rows)}), against revision {(body or {}).get('revision')}",
+        title_justify="left",
+        header_style="bold",
+    )
+    for column in ("load balancer", "adapter", "applied", "lag", "age", "state", "error"):
+        table.add_column(column, justify="right" if column in ("applied", "lag") else "left")
+    for lb in rows:
+        state = str(lb.get("state"))
+        applied = lb.get("applied_revision")
+        lag = lb.get("lag_revisions")
+        age = lb.get("age_s")
+        table.add_row(
+            str(lb.get("name")),
+            str(lb.get("adapter")),
+            "-" if applied is None else str(applied),
+            Text("-" if lag is None else str(lag), style="yellow" if lag else ""),
+            ago(float(age)) if isinstance(age, int | float) else "-",
+            Text(state, style=LB_STATE_STYLES.get(state, "")),
+            str(lb.get("error") or ""),
+        )
+    return table
+
+
 def status(
-    cluster: Json, decision: Json, now: float, views: Mapping[str, Json | str] | None = None
+    cluster: Json,
+    decision: Json,
+    now: float,
+    views: Mapping[str, Json | str] | None = None,
+    lbs: Json | None = None,
 ) -> RenderableType:
     quorum = cluster.get("has_quorum")
     head = Text()
@@ -217,6 +259,9 @@ def status(
     rev.append(f"  served by {decision.get('served_by')}")
     parts: list[RenderableType] = [head, members_table(cluster, views), Text(""), rev, *flags_lines(decision)]
     parts += [weights_table(decision), reasons_block(decision)]
+    table = lbs_table(lbs)
+    if table is not None:
+        parts += [Text(""), table]
     return Group(*parts)
 
 

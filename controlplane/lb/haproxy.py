@@ -28,6 +28,7 @@ from controlplane.client.follower import DecisionFollower, apply_once, pause
 from controlplane.errors import NotFound, RuntimeApiError
 from controlplane.formats import HaproxyPlan, ServerMap, ServerSetting, haproxy_plan
 from controlplane.lb.mapfile import load_haproxy_map
+from controlplane.lb.report import DEFAULT_HEARTBEAT_S, reporter_for
 from controlplane.lb.status import StatusFile
 from controlplane.model import Decision
 from controlplane.tasks import run_alongside
@@ -153,6 +154,7 @@ class HaproxyAdapter:
         self.status = status or StatusFile(None, "haproxy")
         self.desired: dict[str, HaproxyPlan] = {}
         self.revision = 0
+        self.epoch: str | None = None  # of `revision`; None when the decision carries none
         self.connected: bool | None = None  # None: not tried yet
         self.commands_sent = 0
         self.drift_repairs = 0
@@ -179,6 +181,7 @@ class HaproxyAdapter:
             weights = ", ".join(f"{s.name}={s.weight}{'' if s.ready else ' maint'}" for s in plan.settings)
             log.info("revision %d: %s -> %s", decision.revision, service, weights or "(held)")
         self.revision = decision.revision
+        self.epoch = decision.epoch or None
         self.status.update(revision=decision.revision, held=held)
         await self.reconcile()
 
@@ -211,11 +214,12 @@ class HaproxyAdapter:
                 self.connected = False
                 self.status.update(ok=False, connected=False, errors=[str(e)])
                 return 0
+            applied = {"applied_revision": self.revision, "applied_epoch": self.epoch} if not errors else {}
             self.status.update(
                 ok=not errors,
                 connected=True,
                 errors=errors,
-                applied_revision=self.revision if not errors else self.status.data.get("applied_revision"),
+                **applied,
                 commands_sent_total=self.commands_sent,
                 drift_repairs_total=self.drift_repairs,
                 reconciled_at=time.time(),
@@ -289,14 +293,19 @@ async def run_haproxy(
     token: str | None = None,
     once: bool = False,
     stop: asyncio.Event | None = None,
+    report_name: str | None = None,
+    report_s: float = DEFAULT_HEARTBEAT_S,
 ) -> int:
     """Run the adapter until `stop` (or, with `once`, one revision); the exit code.
 
-    `ConfigError` for a bad map file propagates before anything starts.
+    It reports to every agent as `report_name` every `report_s` seconds and on every
+    change (0: not at all); see `controlplane.lb.report`. `ConfigError` for a bad map
+    file propagates before anything starts.
     """
     mapping = load_haproxy_map(map_path, services)
     status = StatusFile(status_path, "haproxy")
     status.update(services=sorted(mapping), agents=agents, socket=str(socket_path))
+    reporter = reporter_for(status, agents, name=report_name, heartbeat_s=report_s, token=token)
     adapter = HaproxyAdapter(RuntimeApi(socket_path), mapping, status)
     follower = DecisionFollower(agents, adapter.apply, wait_s=wait_s, token=token)
     log.info(
@@ -304,7 +313,11 @@ async def run_haproxy(
     )
     stop = stop or asyncio.Event()
     if once:
-        return await apply_once(follower, stop, lambda: bool(adapter.status.data.get("ok")))
-    return await run_alongside(
-        follower.run(stop), stop, {"haproxy reconcile": adapter.run_reconciler(reconcile_s, stop)}
-    )
+        code = await apply_once(follower, stop, lambda: bool(adapter.status.data.get("ok")))
+        if reporter is not None:
+            await reporter.flush()
+        return code
+    helpers = {"haproxy reconcile": adapter.run_reconciler(reconcile_s, stop)}
+    if reporter is not None:
+        helpers["lb report"] = reporter.run(stop)
+    return await run_alongside(follower.run(stop), stop, helpers)

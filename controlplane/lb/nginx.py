@@ -41,6 +41,7 @@ from controlplane.client.follower import DecisionFollower, apply_once, pause
 from controlplane.errors import ConfigError, NotFound, RenderError
 from controlplane.formats import NoServingRegion, nginx_upstream
 from controlplane.lb.mapfile import NginxUpstream, load_nginx_map
+from controlplane.lb.report import DEFAULT_HEARTBEAT_S, reporter_for
 from controlplane.lb.status import StatusFile, write_atomic
 from controlplane.model import Decision
 from controlplane.tasks import run_alongside
@@ -129,6 +130,7 @@ class NginxAdapter:
         self.status = status or StatusFile(None, "nginx")
         self.decision: Decision | None = None
         self.applied_revision = 0
+        self.applied_epoch: str | None = None  # of `applied_revision`; None when it carries none
         self.loaded_text: str | None = None  # what nginx last reloaded successfully
         self.reload_pending = False
         self._blocks: dict[str, str] = {}  # last good block per service
@@ -201,10 +203,10 @@ class NginxAdapter:
             return
         if text == self.loaded_text and not self.reload_pending:
             self._blocks.update(blocks)
-            self.applied_revision = revision
+            self._applied(decision)
             if self.status.data.get("ok") is False:
                 log.info("revision %d: nginx already runs this configuration; nothing to change", revision)
-            self.status.update(ok=True, revision=revision, applied_revision=revision, held=held, error=None)
+            self.status.update(ok=True, revision=revision, held=held, error=None, **self._applied_fields())
             return
         try:
             previous: bytes | None = self.output.read_bytes()
@@ -237,9 +239,16 @@ class NginxAdapter:
         self.reload_pending = False
         self.loaded_text = text
         self._blocks.update(blocks)
-        self.applied_revision = revision
+        self._applied(decision)
         log.info("revision %d: %s written and nginx reloaded", revision, self.output)
-        self.status.update(ok=True, revision=revision, applied_revision=revision, held=held, error=None)
+        self.status.update(ok=True, revision=revision, held=held, error=None, **self._applied_fields())
+
+    def _applied(self, decision: Decision) -> None:
+        self.applied_revision = decision.revision
+        self.applied_epoch = decision.epoch or None
+
+    def _applied_fields(self) -> dict[str, int | str | None]:
+        return {"applied_revision": self.applied_revision, "applied_epoch": self.applied_epoch}
 
     def _restore(self, previous: bytes | None) -> None:
         try:
@@ -252,7 +261,7 @@ class NginxAdapter:
 
     def _fail(self, revision: int, error: str) -> None:
         log.error("%s", error)
-        self.status.update(ok=False, revision=revision, applied_revision=self.applied_revision, error=error)
+        self.status.update(ok=False, revision=revision, error=error, **self._applied_fields())
 
     async def refresh(self) -> None:
         """Render again when the template changed or a reload is still owed."""
@@ -298,10 +307,14 @@ async def run_nginx(
     token: str | None = None,
     once: bool = False,
     stop: asyncio.Event | None = None,
+    report_name: str | None = None,
+    report_s: float = DEFAULT_HEARTBEAT_S,
 ) -> int:
     """Run the adapter until `stop` (or, with `once`, one revision); the exit code.
 
-    `ConfigError` for a bad map file or template propagates before anything starts.
+    It reports to every agent as `report_name` every `report_s` seconds and on every
+    change (0: not at all); see `controlplane.lb.report`. `ConfigError` for a bad map
+    file or template propagates before anything starts.
     """
     upstreams = load_nginx_map(map_path, services)
     if not output.parent.is_dir():
@@ -317,12 +330,18 @@ async def run_nginx(
         status,
     )
     adapter.check_template()
+    reporter = reporter_for(status, agents, name=report_name, heartbeat_s=report_s, token=token)
     follower = DecisionFollower(agents, adapter.apply, wait_s=wait_s, token=token)
     log.info(
         "following %s for %s; rendering %s into %s", ", ".join(agents), ", ".join(upstreams), template, output
     )
     stop = stop or asyncio.Event()
     if once:
-        return await apply_once(follower, stop, lambda: bool(adapter.status.data.get("ok")))
-    watch = adapter.run_watcher(check_s, stop)
-    return await run_alongside(follower.run(stop), stop, {"nginx template watch": watch})
+        code = await apply_once(follower, stop, lambda: bool(adapter.status.data.get("ok")))
+        if reporter is not None:
+            await reporter.flush()
+        return code
+    helpers = {"nginx template watch": adapter.run_watcher(check_s, stop)}
+    if reporter is not None:
+        helpers["lb report"] = reporter.run(stop)
+    return await run_alongside(follower.run(stop), stop, helpers)

@@ -127,6 +127,8 @@ def test_promtool_checks_and_tests_the_alert_rules() -> None:
         "ControlplanePanic",
         "ControlplaneClockSkew",
         "ControlplaneProbesInconclusive",
+        "ControlplaneLoadBalancerBehind",
+        "ControlplaneLoadBalancerFailing",
     ):
         assert wanted in names
 

@@ -38,9 +38,9 @@ from tests.acceptance.lb_fixtures import (
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
 
 
-def haproxy_adapter(workdir: Path, agents: list[str], hap: HAProxy) -> Adapter:
+def haproxy_adapter(workdir: Path, agents: list[str], hap: HAProxy, *extra: str) -> Adapter:
     args = [*agents, "--socket", str(hap.socket), "--map", str(hap.map_file()), "--reconcile-interval", "1"]
-    return Adapter("haproxy", workdir, args)
+    return Adapter("haproxy", workdir, [*args, *extra])
 
 
 async def test_traffic_through_haproxy_follows_failover_and_recovery(

@@ -35,7 +35,7 @@ from tests.acceptance.lb_fixtures import (
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
 
 
-def nginx_adapter(workdir: Path, agents: list[str], nginx: Nginx) -> Adapter:
+def nginx_adapter(workdir: Path, agents: list[str], nginx: Nginx, *extra: str) -> Adapter:
     args = [
         *agents,
         "--template",
@@ -50,6 +50,7 @@ def nginx_adapter(workdir: Path, agents: list[str], nginx: Nginx) -> Adapter:
         shlex.join(nginx.args("-s", "reload")),
         "--check-interval",
         "0.5",
+        *extra,
     ]
     return Adapter("nginx", workdir, args)
 

@@ -148,6 +148,7 @@ def test_status_shows_the_cluster_and_the_decision(live: Live) -> None:
         assert name in done.stdout
     assert "features off: none" in done.stdout
     assert "STALE" not in done.stdout
+    assert "load balancers" not in done.stdout, "no load balancer reports: no table"
 
 
 def _without(body: dict[str, Any], *keys: str) -> dict[str, Any]:

@@ -81,6 +81,40 @@ class Hostile(BaseHTTPRequestHandler):
                 ],
                 "intent_seq": 1,
             }  # fmt: skip
+        elif path == "/v1/decision":
+            body = {
+                "revision": 3,
+                "committed_at": "2026-01-01T00:00:00Z",
+                "leader": "a" + EVIL,
+                "served_by": "a",
+                "services": {},
+                "features": {},
+                "reasons": [],
+            }
+        elif path == "/v1/cluster":
+            body = {"cluster": "c", "agent": "a", "has_quorum": True, "leader": "a", "members": []}
+        elif path == "/v1/lbs":
+            body = {
+                "revision": 3,
+                "limit": 1024,
+                "lbs": [
+                    {
+                        "name": "hap" + EVIL,
+                        "adapter": "haproxy" + EVIL,
+                        "applied_revision": 2,
+                        "applied_epoch": None,
+                        "applied_at": 1.0,
+                        "desired_revision": 3,
+                        "reported_at": 1.0,
+                        "age_s": 0.4,
+                        "ok": False,
+                        "error": "socket gone " + MARKUP + EVIL,
+                        "heartbeat_s": 5.0,
+                        "lag_revisions": 1,
+                        "state": "failing" + EVIL,
+                    },
+                ],
+            }
         else:
             self.send_response(503)
             body = {"error": "nope" + EVIL, "detail": "hostile" + EVIL}
@@ -127,7 +161,10 @@ def cpctl(endpoint: str, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.parametrize("args", [["history"], ["intents"], ["regions"], ["history", "-o", "json"]])
+@pytest.mark.parametrize(
+    "args",
+    [["history"], ["intents"], ["regions"], ["history", "-o", "json"], ["status"], ["status", "-o", "json"]],
+)
 def test_cpctl_passes_no_control_characters_to_the_terminal(hostile: str, args: list[str]) -> None:
     done = cpctl(hostile, *args)
     shown = done.stdout + done.stderr
@@ -140,5 +177,12 @@ def test_cpctl_passes_no_control_characters_to_the_terminal(hostile: str, args: 
         assert MARKUP in done.stdout.replace("\n", "")
     if args == ["regions"]:
         assert done.returncode != 0 and "hostile" in done.stderr
-    if args[-1] == "json":
+    if args == ["status"]:
+        assert done.returncode == 0, done.stderr
+        assert "load balancers (1)" in done.stdout
+        assert "cleared" in done.stdout and "pwned-title" in done.stdout
+        assert MARKUP in done.stdout.replace("\n", ""), done.stdout
+    if args == ["history", "-o", "json"]:
         assert json.loads(done.stdout)["entries"][0]["who"] == "mallory" + EVIL  # the data, escaped
+    if args == ["status", "-o", "json"]:
+        assert json.loads(done.stdout)["lbs"]["lbs"][0]["error"].endswith(EVIL)  # the data, escaped
