@@ -158,7 +158,14 @@ async def _run(options: DemoOptions, config: dict[str, Any], out: Out) -> int:
             for (r, s), b in cluster.backends.items()
             if s == SERVICE
         }
-        lb = SimLoadBalancer(agents=[a.url for a in agents], service=SERVICE, backends=backends, rps=100)
+        lb = SimLoadBalancer(
+            agents=[a.url for a in agents],
+            service=SERVICE,
+            backends=backends,
+            rps=100,
+            report_as="demo-lb" if options.drill else None,
+            token=token,
+        )
         app = SimApplication(agents=[a.url for a in agents], rps=50)
         async with lb, app:
             out(f"simulated application at {app.url}: users call {', '.join(PATHS)} (50 requests/s)")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from controlplane.client.follower import DecisionFollower
+from controlplane.lb.report import Reporter
 from controlplane.model import Decision
 from controlplane.tasks import spawn
 
@@ -50,6 +51,11 @@ class SimLoadBalancer:
     _session: aiohttp.ClientSession | None = None
     _in_flight: int = 0
     _max_in_flight: int = 256
+    # Report what it applied to the agents, as the real adapters do (`lb.report`).
+    report_as: str | None = None
+    token: str | None = None
+    report_s: float = 1.0
+    _reporter: Reporter | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_in_flight))
@@ -59,6 +65,11 @@ class SimLoadBalancer:
             spawn("lb follow decision", follower.run(self._stop)),
             spawn("lb send traffic", self._send()),
         ]
+        if self.report_as is not None:
+            self._reporter = Reporter(
+                self.agents, self.report_as, "simulated", heartbeat_s=self.report_s, token=self.token
+            )
+            self._tasks.append(spawn("lb report", self._reporter.run(self._stop)))
 
     async def stop(self) -> None:
         self._stop.set()
@@ -82,6 +93,16 @@ class SimLoadBalancer:
         placements = decision.services.get(self.service, {})
         self.weights = {r: p.weight for r, p in placements.items()}
         self.revision = decision.revision
+        if self._reporter is not None:
+            self._reporter.update(
+                {
+                    "revision": decision.revision,
+                    "applied_revision": decision.revision,
+                    "applied_epoch": decision.epoch,
+                    "applied_at": time.time(),
+                    "ok": True,
+                }
+            )
 
     def _second(self) -> Second:
         now = time.time()
