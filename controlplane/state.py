@@ -1,7 +1,8 @@
 """The replicated control state as plain immutable values.
 
 What every member of the consensus group holds (observations, standing intents, the
-committed decision, a bounded history) and what a member knows about the group
+committed decision, a bounded history, the results of past drills) and what a member
+knows about the group
 (`StoreStatus`). No asyncio, no I/O: the pure planner, the state transitions, every
 backend and the HTTP API share these types, and tests build them by hand.
 """
@@ -29,6 +30,17 @@ from controlplane.model import (
 # how many applied intent ids are remembered for idempotent resubmission.
 HISTORY_LIMIT = 1000
 
+# How many drill results every member keeps (the newest), and how big one may be: a
+# record is written by a client (`POST /v1/drills`), so every part of it is bounded.
+DRILLS_LIMIT = 100
+DRILL_ID_MAX = 64
+DRILL_NAME_MAX = 100  # region, service, who
+DRILL_STAGES_MAX = 32
+DRILL_STAGE_NAME_MAX = 64
+DRILL_LATE_LBS_MAX = 64
+DRILL_LB_NAME_MAX = 64
+DRILL_SUMMARY_MAX = 500
+
 ObservationKey = tuple[str, str, str]  # (observer, region, service)
 
 
@@ -40,13 +52,41 @@ class HistoryEntry(Record):
     dashboard can draw the weights of the last hour from history alone.
     """
 
-    kind: str  # "decision" | "intent" | "intent-removed" | "epoch"
+    kind: str  # "decision" | "intent" | "intent-removed" | "epoch" | "drill"
     at: float
     revision: int
     summary: str
     intent_id: str | None = None
     who: str | None = None
     weights: Mapping[str, Mapping[str, int]] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DrillRecord(Record):
+    """The measured result of one drill: a region black-holed on purpose, then restored.
+
+    `id` is the drill intent's id (one record per drill). Times are Unix seconds;
+    `stages` maps a stage's name (decision committed, served by every agent, applied by
+    every load balancer...) to its seconds from `started_at`, None for a stage that was
+    not reached. `rto_s` is the recovery time measured to the end (None when it was not),
+    `passed` whether it met `objective_s`, `late_lbs` the load balancers that had not
+    applied the decision in time. `who` is the name of the token that recorded it and
+    `recorded_at` when the store committed it (the store sets both, never the client).
+    """
+
+    id: str
+    region: str
+    service: str | None
+    who: str
+    started_at: float
+    ended_at: float
+    objective_s: float
+    rto_s: float | None
+    passed: bool
+    stages: Mapping[str, float | None] = field(default_factory=dict)
+    late_lbs: tuple[str, ...] = ()
+    summary: str = ""
+    recorded_at: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +99,9 @@ class ControlState:
     resubmitted id applies once; it is bounded by `HISTORY_LIMIT`. `epoch` is chosen
     once, when the cluster's state is first created, and never changes afterwards:
     revisions count within it, so a cluster rebuilt from nothing (new data, a new etcd
-    prefix) is told apart from the one before, whose revisions were higher.
+    prefix) is told apart from the one before, whose revisions were higher. `drills`
+    are the results of past drills in the order they were recorded, the newest
+    `DRILLS_LIMIT` of them.
     """
 
     epoch: str = ""
@@ -70,6 +112,7 @@ class ControlState:
     observations: Mapping[ObservationKey, Observation] = field(default_factory=dict)
     history: tuple[HistoryEntry, ...] = ()
     recent_intents: Mapping[str, Intent] = field(default_factory=dict)
+    drills: tuple[DrillRecord, ...] = ()
 
     @property
     def revision(self) -> int:
@@ -163,6 +206,49 @@ def history_from_json(data: Mapping[str, Any]) -> HistoryEntry:
     )
 
 
+def drill_to_json(record: DrillRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "region": record.region,
+        "service": record.service,
+        "who": record.who,
+        "started_at": record.started_at,
+        "ended_at": record.ended_at,
+        "objective_s": record.objective_s,
+        "rto_s": record.rto_s,
+        "passed": record.passed,
+        "stages": dict(record.stages),
+        "late_lbs": list(record.late_lbs),
+        "summary": record.summary,
+        "recorded_at": record.recorded_at,
+    }
+
+
+def drill_from_json(data: Mapping[str, Any]) -> DrillRecord:
+    return DrillRecord(
+        id=str(data["id"]),
+        region=str(data["region"]),
+        service=None if data.get("service") is None else str(data["service"]),
+        who=str(data["who"]),
+        started_at=float(data["started_at"]),
+        ended_at=float(data["ended_at"]),
+        objective_s=float(data["objective_s"]),
+        rto_s=None if data.get("rto_s") is None else float(data["rto_s"]),
+        passed=bool(data["passed"]),
+        stages={str(k): None if v is None else float(v) for k, v in data.get("stages", {}).items()},
+        late_lbs=tuple(str(lb) for lb in data.get("late_lbs", ())),
+        summary=str(data.get("summary", "")),
+        recorded_at=float(data.get("recorded_at", 0.0)),
+    )
+
+
+def drills_add(drills: tuple[DrillRecord, ...], record: DrillRecord) -> tuple[DrillRecord, ...]:
+    """Append to the drills, keeping only the newest `DRILLS_LIMIT` (the oldest recorded go)."""
+    if len(drills) >= DRILLS_LIMIT:
+        drills = drills[len(drills) - DRILLS_LIMIT + 1 :]
+    return (*drills, record)
+
+
 def state_to_json(state: ControlState) -> dict[str, Any]:
     """The whole state (its `version` too) as JSON-ready data; `state_from_json` reads it back."""
     return {
@@ -174,6 +260,7 @@ def state_to_json(state: ControlState) -> dict[str, Any]:
         "observations": [observation_to_json(o) for o in state.observations.values()],
         "history": [history_to_json(e) for e in state.history],
         "recent_intents": [intent_to_json(i) for i in state.recent_intents.values()],
+        "drills": [drill_to_json(d) for d in state.drills],
     }
 
 
@@ -191,4 +278,6 @@ def state_from_json(data: Mapping[str, Any]) -> ControlState:
         observations={(o.observer, o.region, o.service): o for o in observations},
         history=tuple(history_from_json(e) for e in data.get("history", ())),
         recent_intents={i.id: i for i in recent},
+        # Snapshots written before drills were recorded have none.
+        drills=tuple(drill_from_json(d) for d in data.get("drills", ()))[-DRILLS_LIMIT:],
     )

@@ -1,7 +1,7 @@
 """What each replicated command does to the control state: one pure function per command.
 
-Every backend applies commands through these functions, so that an intent, a removal or
-a decision changes the state, and writes the history, in exactly the same words
+Every backend applies commands through these functions, so that an intent, a removal, a
+decision or a drill's result changes the state, and writes the history, in exactly the same words
 whichever backend holds it (the in-memory store, the embedded Raft, etcd). Each takes a
 `ControlState` and the command's arguments, and returns a `Change`: the state after the
 command, the history entry it adds (None when nothing changed), and what the caller is
@@ -15,18 +15,28 @@ whoever wrote the command, so replaying a log gives the same state on every memb
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from controlplane.errors import Conflict, NotLeader
+from controlplane.errors import Conflict, NotLeader, Rejected
 from controlplane.intents import apply_intent, remove_intent
 from controlplane.model import Decision, Intent, Observation
 from controlplane.state import (
+    DRILL_ID_MAX,
+    DRILL_LATE_LBS_MAX,
+    DRILL_LB_NAME_MAX,
+    DRILL_NAME_MAX,
+    DRILL_STAGE_NAME_MAX,
+    DRILL_STAGES_MAX,
+    DRILL_SUMMARY_MAX,
     HISTORY_LIMIT,
     ControlState,
+    DrillRecord,
     HistoryEntry,
+    drills_add,
     history_add,
     observations_replace,
 )
@@ -194,6 +204,106 @@ def decision_summary(decision: Decision) -> str:
     if len(text) > SUMMARY_MAX_CHARS:
         text = text[: SUMMARY_MAX_CHARS - 3] + "..."
     return text
+
+
+def known_drill(state: ControlState, drill_id: str) -> DrillRecord | None:
+    """The recorded drill with this id, if it is among the ones kept."""
+    return next((d for d in state.drills if d.id == drill_id), None)
+
+
+def record_drill(state: ControlState, record: DrillRecord, at: float) -> Change[DrillRecord]:
+    """Record a drill's result, stamped `recorded_at=at`, with a line in the history.
+
+    An id that is recorded already (a retry) returns the stored record and changes
+    nothing, whatever the new one says. Only the newest `DRILLS_LIMIT` are kept, so an id
+    recorded long ago may be recorded again. `Rejected` when the record is out of bounds
+    or contradicts itself (see `drill_problems`).
+    """
+    problems = drill_problems(record)
+    if problems:
+        raise Rejected("invalid drill record", "; ".join(problems))
+    known = known_drill(state, record.id)
+    if known is not None:
+        return Change(state, None, known)
+    stored = dataclasses.replace(record, recorded_at=at)
+    entry = HistoryEntry(
+        kind="drill",
+        at=at,
+        revision=state.revision,
+        summary=drill_summary(stored),
+        intent_id=stored.id,
+        who=stored.who,
+    )
+    after = dataclasses.replace(
+        state, drills=drills_add(state.drills, stored), history=history_add(state.history, entry)
+    )
+    return Change(after, entry, stored)
+
+
+def drill_summary(record: DrillRecord) -> str:
+    """The history line of a drill: "drill of cn-east by alice: RTO 41.2 s, objective 90 s: passed"."""
+    target = f"{record.region}/{record.service}" if record.service else record.region
+    rto = "RTO not measured" if record.rto_s is None else f"RTO {_seconds(record.rto_s)} s"
+    verdict = "passed" if record.passed else "failed"
+    text = f"drill of {target} by {record.who}: {rto}, objective {_seconds(record.objective_s)} s: {verdict}"
+    if len(text) > SUMMARY_MAX_CHARS:
+        text = text[: SUMMARY_MAX_CHARS - 3] + "..."
+    return text
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}".removesuffix(".0")
+
+
+def drill_problems(record: DrillRecord) -> list[str]:
+    """Everything wrong with a drill record, as `field: what (got value)`; empty when none.
+
+    Checked again by the state machine, whoever wrote the command: every part of a record
+    is bounded (it is kept by every member), every time is a finite number, the drill
+    ends after it starts, and a drill that passed was measured to the end within its
+    objective.
+    """
+    out: list[str] = []
+
+    def name(field: str, value: str | None, limit: int, *, optional: bool = False) -> None:
+        if value is None and optional:
+            return
+        if not value or len(value) > limit:
+            out.append(f"{field}: must be 1 to {limit} characters (got {str(value)[:80]!r})")
+
+    name("id", record.id, DRILL_ID_MAX)
+    name("region", record.region, DRILL_NAME_MAX)
+    name("service", record.service, DRILL_NAME_MAX, optional=True)
+    name("who", record.who, DRILL_NAME_MAX)
+    for field, value in (("started_at", record.started_at), ("ended_at", record.ended_at)):
+        if not math.isfinite(value) or value < 0:
+            out.append(f"{field}: must be a Unix time (got {value})")
+    if record.ended_at < record.started_at:
+        out.append(f"ended_at: must not be before started_at (got {record.ended_at} < {record.started_at})")
+    if not (math.isfinite(record.objective_s) and record.objective_s > 0):
+        out.append(f"objective_s: must be a positive number of seconds (got {record.objective_s})")
+    if record.rto_s is not None and not (math.isfinite(record.rto_s) and record.rto_s >= 0):
+        out.append(f"rto_s: must be a number of seconds >= 0 or null (got {record.rto_s})")
+    if record.passed and (record.rto_s is None or record.rto_s > record.objective_s):
+        out.append(
+            f"passed: a drill passes only with an RTO measured within its objective "
+            f"(got rto_s {record.rto_s}, objective_s {record.objective_s})"
+        )
+    if len(record.stages) > DRILL_STAGES_MAX:
+        out.append(f"stages: at most {DRILL_STAGES_MAX} (got {len(record.stages)})")
+    for stage, seconds in list(record.stages.items())[: DRILL_STAGES_MAX + 1]:
+        if not stage or len(stage) > DRILL_STAGE_NAME_MAX:
+            out.append(f"stages: a name must be 1 to {DRILL_STAGE_NAME_MAX} characters (got {stage[:80]!r})")
+        if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
+            out.append(f"stages.{stage[:80]}: must be seconds >= 0 or null (got {seconds})")
+    if len(record.late_lbs) > DRILL_LATE_LBS_MAX:
+        out.append(f"late_lbs: at most {DRILL_LATE_LBS_MAX} (got {len(record.late_lbs)})")
+    for lb in record.late_lbs[: DRILL_LATE_LBS_MAX + 1]:
+        if not lb or len(lb) > DRILL_LB_NAME_MAX:
+            out.append(f"late_lbs: a name must be 1 to {DRILL_LB_NAME_MAX} characters (got {lb[:80]!r})")
+    if len(record.summary) > DRILL_SUMMARY_MAX:
+        out.append(f"summary: at most {DRILL_SUMMARY_MAX} characters (got {len(record.summary)})")
+    return out
 
 
 def remember(recent: Mapping[str, Intent], intent: Intent) -> dict[str, Intent]:
