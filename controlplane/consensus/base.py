@@ -7,7 +7,8 @@ cluster:
 - the latest observation of every (observer, region, service);
 - the standing operator intents, each with a commit sequence number;
 - the latest committed decision (one per revision, revisions only grow);
-- a bounded history of decisions and intents.
+- a bounded history of decisions and intents;
+- the results of past drills, the newest `DRILLS_LIMIT`.
 
 Guarantees every backend gives (the shared behaviour suite in
 `tests/consensus/` checks them):
@@ -18,9 +19,9 @@ Guarantees every backend gives (the shared behaviour suite in
   exactly one past the committed decision's revision and the caller is still the
   leader in `decision.term`. So no two decisions are ever committed under the same
   revision, and a deposed leader's late write is refused.
-- `submit_intent`, `delete_intent` and `publish_observations` are atomic: either the
-  whole command is committed and applied on every member, or nothing is. They may be
-  called on any member (a Raft follower forwards to the leader).
+- `submit_intent`, `delete_intent`, `record_drill` and `publish_observations` are
+  atomic: either the whole command is committed and applied on every member, or nothing
+  is. They may be called on any member (a Raft follower forwards to the leader).
 - Every write raises `NoQuorum` (or another `StoreError`) when it cannot be committed
   within its timeout; the caller may retry. When a write times out it may still be
   committed later: callers make writes idempotent (intents carry a client-chosen id).
@@ -37,7 +38,7 @@ from collections.abc import Callable, Sequence
 
 from controlplane.errors import StoreError
 from controlplane.model import Decision, Intent, Observation
-from controlplane.state import ControlState, StoreStatus
+from controlplane.state import ControlState, DrillRecord, StoreStatus
 from controlplane.tasks import FailureHandler, log_failure
 
 
@@ -104,6 +105,16 @@ class ControlStore(abc.ABC):
     @abc.abstractmethod
     async def delete_intent(self, intent_id: str, who: str, reason: str) -> Intent:
         """Remove one standing intent; returns it. `NotFound` when it does not stand."""
+
+    @abc.abstractmethod
+    async def record_drill(self, record: DrillRecord) -> DrillRecord:
+        """Record a drill's result; returns it as stored, `recorded_at` stamped by the store.
+
+        Applied with `controlplane.transitions.record_drill`, with its history entry, in
+        one atomic command; it survives restarts like everything else in the state.
+        Recording the same `id` twice keeps the first and returns it (among the
+        `DRILLS_LIMIT` kept). `Rejected` when the record is out of bounds.
+        """
 
     @abc.abstractmethod
     async def commit_decision(self, decision: Decision) -> Decision:

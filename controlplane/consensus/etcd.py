@@ -23,6 +23,11 @@ layout is in `etcd_view`, the lease and the election in `etcd_session`, the wire
   intents): intent writes are serialised, and an id applies once, because a resubmitted
   id is found among the standing intents or in the intent history and returned as it was
   committed. A refusal is only final when made on a fresh read.
+- Drill results are written by any member, in a transaction that compares the drill
+  counter's mod_revision with the one the write was computed from, as intents are: an
+  id is recorded once (a retry finds it among the kept drills and gets it back), and
+  the drill `DRILLS_LIMIT` behind is deleted in the same transaction. No lease: they
+  outlive every member, and every member's view reads them.
 - Observations: one key per observer, replaced by compare-and-set on its mod_revision
   (so a publish is atomic whatever the number of pairs; etcd caps operations per
   transaction at 128 by default).
@@ -70,11 +75,14 @@ from controlplane.consensus.etcd_client import (
 )
 from controlplane.consensus.etcd_session import Contact, Session
 from controlplane.consensus.etcd_view import (
+    DrillsRead,
     EtcdView,
     IntentsRead,
     Layout,
     decode_observations,
+    drills_read_from,
     encode_decision,
+    encode_drill,
     encode_history,
     encode_intent,
     encode_observations,
@@ -83,7 +91,15 @@ from controlplane.consensus.etcd_view import (
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
 from controlplane.model import Decision, Intent, Observation, decision_from_json
 from controlplane.raft.clock import ClusterClock
-from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, MemberStatus, StoreStatus
+from controlplane.state import (
+    DRILLS_LIMIT,
+    HISTORY_LIMIT,
+    ControlState,
+    DrillRecord,
+    HistoryEntry,
+    MemberStatus,
+    StoreStatus,
+)
 from controlplane.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -196,6 +212,7 @@ class EtcdStore(ControlStore):
         # compare-and-set to itself; members still race each other, boundedly.
         self._publishing = asyncio.Lock()
         self._intent_writing = asyncio.Lock()
+        self._drill_writing = asyncio.Lock()
         self._in_flight = 0
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -554,6 +571,49 @@ class EtcdStore(ControlStore):
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 decision = decision_from_json(orjson.loads(decision_kvs[0].value))
         return intents_read_from(intents, seq, history, decision)
+
+    async def record_drill(self, record: DrillRecord) -> DrillRecord:
+        # Stamped with this member's reading of the cluster's clock (its wall clock before
+        # it heard one): what the record says, never what a rule compares.
+        now = self.cluster_time()
+        at = now if now is not None else time.time()
+        keys = self.layout
+
+        async def work() -> DrillRecord:
+            async with self._drill_writing:
+                read = self._view.drills_read()
+                for attempt in range(_CAS_ATTEMPTS):
+                    await _back_off(attempt)
+                    # A refusal does not depend on the state: it is final on any read.
+                    change = transitions.record_drill(read.as_state(), record, at)
+                    if change.entry is None:
+                        return change.result  # recorded before (a retry): recorded once
+                    seq = read.seq + 1
+                    success = [
+                        put(keys.drill(seq), encode_drill(change.result)),
+                        put(keys.drill_seq, str(seq).encode()),
+                        put(keys.drill_entry(seq), encode_history(change.entry)),
+                        delete(keys.drill(seq - DRILLS_LIMIT)),
+                        delete(keys.drill_entry(seq - DRILLS_LIMIT)),
+                    ]
+                    result = await self._txn(
+                        [mod_revision_is(keys.drill_seq, read.seq_mod_revision)],
+                        success,
+                        [get_prefix(keys.drills), get(keys.drill_seq)],
+                    )
+                    if result.succeeded:
+                        return change.result
+                    read = self._drills_read_from(result, read)
+            raise StoreError(
+                "drills kept changing under this write; nothing was recorded", "retry with the same id"
+            )
+
+        return await self._write(work)
+
+    @staticmethod
+    def _drills_read_from(result: TxnResult, before: DrillsRead) -> DrillsRead:
+        drills, seq = result.ranges
+        return drills_read_from(drills, seq, before.decision)
 
     async def commit_decision(self, decision: Decision) -> Decision:
         # Local check first: it saves a round trip, it is not what keeps a deposed leader

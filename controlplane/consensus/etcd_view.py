@@ -23,6 +23,12 @@ Everything lives under one prefix `P` (`backend.etcd.prefix`, `/controlplane` by
                                how a resubmitted id is recognised
 `P/observations/{observer}`    all of one observer's latest observations (JSON), under the
                                lease of the member that published them
+`P/drills/{seq:020}`           one recorded drill result (JSON, `drill_to_json`); no lease:
+                               it outlives every member
+`P/drill-seq`                  the last drill sequence number in ASCII; every drill write
+                               compares its mod_revision, so drill writes are serialised and
+                               an id is recorded once
+`P/history/r/{seq:020}`        the history entry of a recorded drill
 =============================  =================================================================
 
 Ids in keys are percent-encoded, so an id with a `/` cannot escape its directory.
@@ -31,7 +37,9 @@ History keys are created once, in the transaction that commits what they record,
 ordering them by create_revision is ordering them by commit. Decision entries and intent
 entries are each bounded to `HISTORY_LIMIT` (a commit deletes the entry `HISTORY_LIMIT`
 behind it in the same transaction), and the snapshot shows the newest `HISTORY_LIMIT` of
-both together: exactly what the Raft backend's single bounded list holds.
+both together: exactly what the Raft backend's single bounded list holds. Drill results
+and their entries are bounded to `DRILLS_LIMIT` the same way (recording drill `seq`
+deletes drill `seq - DRILLS_LIMIT` and its entry).
 
 `EtcdView` applies whole watch responses (etcd never splits one revision across
 responses), so a snapshot never shows half a transaction. It never raises on data it
@@ -74,10 +82,14 @@ from controlplane.model import (
     observation_to_json,
 )
 from controlplane.state import (
+    DRILLS_LIMIT,
     HISTORY_LIMIT,
     ControlState,
+    DrillRecord,
     HistoryEntry,
     ObservationKey,
+    drill_from_json,
+    drill_to_json,
     history_from_json,
     history_to_json,
 )
@@ -111,6 +123,9 @@ class Layout:
         self.decision_history = self.root + b"history/d/"
         self.intent_history = self.root + b"history/i/"
         self.observations = self.root + b"observations/"
+        self.drills = self.root + b"drills/"
+        self.drill_seq = self.root + b"drill-seq"
+        self.drill_history = self.root + b"history/r/"
 
     def member(self, member_id: str) -> bytes:
         return self.members + _quote(member_id)
@@ -126,6 +141,12 @@ class Layout:
 
     def observer(self, observer: str) -> bytes:
         return self.observations + _quote(observer)
+
+    def drill(self, seq: int) -> bytes:
+        return self.drills + b"%020d" % seq
+
+    def drill_entry(self, seq: int) -> bytes:
+        return self.drill_history + b"%020d" % seq
 
     def is_state_key(self, key: bytes) -> bool:
         """Whether `key` is shown by `ControlState` (leadership, liveness and the clock are not)."""
@@ -152,6 +173,14 @@ def encode_history(entry: HistoryEntry, intent: Intent | None = None) -> bytes:
     if intent is not None:
         data["intent"] = intent_to_json(intent)
     return dumps(data)
+
+
+def encode_drill(record: DrillRecord) -> bytes:
+    return dumps(drill_to_json(record))
+
+
+def decode_drill(value: bytes) -> DrillRecord:
+    return drill_from_json(orjson.loads(value))
 
 
 def decode_history(value: bytes) -> tuple[HistoryEntry, Intent | None]:
@@ -233,6 +262,33 @@ def intents_read_from(
     return IntentsRead(seq, seq_mod, intents, applied, decision, tuple(removals))
 
 
+@dataclass(frozen=True, slots=True)
+class DrillsRead:
+    """What a drill write is decided on: the kept drills and their counter, read together."""
+
+    seq: int
+    seq_mod_revision: int  # 0 when the counter does not exist yet
+    drills: tuple[DrillRecord, ...]
+    decision: Decision | None
+
+    def as_state(self) -> ControlState:
+        """The part of the control state `transitions.record_drill` reads."""
+        return ControlState(decision=self.decision, drills=self.drills)
+
+
+def drills_read_from(
+    drill_kvs: Iterable[KeyValue], seq_kvs: Iterable[KeyValue], decision: Decision | None
+) -> DrillsRead:
+    """A `DrillsRead` from fresh range results (undecodable keys are skipped)."""
+    drills = [_decode_or_none(kv, decode_drill) for kv in sorted(drill_kvs, key=lambda kv: kv.key)]
+    seq, seq_mod = 0, 0
+    for kv in seq_kvs:
+        value = _decode_or_none(kv, decode_int)
+        seq, seq_mod = (value if value is not None else 0), kv.mod_revision
+    kept = tuple(d for d in drills if d is not None)[-DRILLS_LIMIT:]
+    return DrillsRead(seq, seq_mod, kept, decision)
+
+
 _warned: set[bytes] = set()
 
 
@@ -279,6 +335,10 @@ class _Areas:
     leader: KeyValue | None = None
     members: dict[bytes, KeyValue] = field(default_factory=dict)
     clock: KeyValue | None = None
+    # Recorded drills by key (`P/drills/{seq:020}`: sorting the keys orders them by seq).
+    drills: dict[bytes, DrillRecord] = field(default_factory=dict)
+    drill_seq: int = 0
+    drill_seq_mod: int = 0
 
 
 class EtcdView:
@@ -342,6 +402,10 @@ class EtcdView:
         removals = tuple(i.entry for i in a.history.values() if i.entry.kind == "intent-removed")
         intents, applied = dict(self.state.intents), dict(a.applied)
         return IntentsRead(a.intent_seq, a.intent_seq_mod, intents, applied, a.decision, removals)
+
+    def drills_read(self) -> DrillsRead:
+        a = self._areas
+        return DrillsRead(a.drill_seq, a.drill_seq_mod, self.state.drills, a.decision)
 
     # -- changes -------------------------------------------------------------------------
 
@@ -442,6 +506,18 @@ class EtcdView:
                 if item.intent is not None:
                     a.applied[item.intent.id] = item.intent
             return "history"
+        if key.startswith(keys.drills):
+            record = _decode_or_none(kv, decode_drill)
+            if record is None:
+                a.drills.pop(key, None)
+            else:
+                a.drills[key] = record
+            return "drills"
+        if key == keys.drill_seq:
+            seq = _decode_or_none(kv, decode_int)
+            # An unreadable counter keeps its mod_revision, so the next drill overwrites it.
+            a.drill_seq, a.drill_seq_mod = (seq if seq is not None else 0), kv.mod_revision
+            return "drills"
         if key.startswith(keys.observations):
             observer = _unquote(key[len(keys.observations) :])
             observations = _decode_or_none(kv, lambda v: decode_observations(observer, v))
@@ -481,6 +557,12 @@ class EtcdView:
         if key.startswith(keys.observations):
             a.observers.pop(key, None)
             return "observations"
+        if key.startswith(keys.drills):
+            a.drills.pop(key, None)
+            return "drills"
+        if key == keys.drill_seq:
+            a.drill_seq, a.drill_seq_mod = 0, 0
+            return "drills"
         return ""
 
     @staticmethod
@@ -501,6 +583,7 @@ class EtcdView:
         intents: Mapping[str, Intent]
         observations: Mapping[ObservationKey, Observation]
         history: tuple[HistoryEntry, ...]
+        drills: tuple[DrillRecord, ...]
         if rebuild("intents") or reuse is None:
             intents = MappingProxyType({i.id: i for i in a.intents.values()})
         else:
@@ -519,6 +602,10 @@ class EtcdView:
             history = tuple(item.entry for item in list(a.history.values())[-HISTORY_LIMIT:])
         else:
             history = reuse.history
+        if rebuild("drills") or reuse is None:
+            drills = tuple(record for _, record in sorted(a.drills.items()))[-DRILLS_LIMIT:]
+        else:
+            drills = reuse.drills
         return ControlState(
             epoch=a.epoch,
             version=version,
@@ -528,6 +615,7 @@ class EtcdView:
             observations=observations,
             history=history,
             recent_intents=MappingProxyType(dict(a.applied)),
+            drills=drills,
         )
 
 
@@ -543,4 +631,5 @@ def _same_content(a: ControlState, b: ControlState) -> bool:
         and a.intent_seq == b.intent_seq
         and dict(a.observations) == dict(b.observations)
         and a.history == b.history
+        and a.drills == b.drills
     )

@@ -27,7 +27,7 @@ from controlplane import transitions
 from controlplane.consensus.base import Changes, ControlStore
 from controlplane.errors import NoQuorum, NotLeader, StoreError
 from controlplane.model import Decision, Intent, Observation
-from controlplane.state import ControlState, MemberStatus, StoreStatus
+from controlplane.state import ControlState, DrillRecord, MemberStatus, StoreStatus
 
 BACKEND = "memory"
 
@@ -227,6 +227,11 @@ class MemoryStore(ControlStore):
         return self.group.commit(
             self.member_id, lambda s: transitions.delete_intent(s, intent_id, who, reason, at)
         )
+
+    async def record_drill(self, record: DrillRecord) -> DrillRecord:
+        self._require_running()
+        at = self.cluster_time()
+        return self.group.commit(self.member_id, lambda s: transitions.record_drill(s, record, at))
 
     async def commit_decision(self, decision: Decision) -> Decision:
         self._require_running()

@@ -42,6 +42,7 @@ from controlplane.consensus.raft_machine import (
     ControlMachine,
     decision_command,
     delete_command,
+    drill_command,
     epoch_command,
     intent_command,
     observations_command,
@@ -63,7 +64,7 @@ from controlplane.raft import (
     StoppedError,
 )
 from controlplane.raft.transport import split_host_port
-from controlplane.state import ControlState, MemberStatus, StoreStatus
+from controlplane.state import ControlState, DrillRecord, MemberStatus, StoreStatus
 from controlplane.tasks import spawn
 
 log = logging.getLogger(__name__)
@@ -255,6 +256,12 @@ class RaftStore(ControlStore):
         result = await self._replicate(delete_command(intent_id, who, reason))
         if not isinstance(result, Intent):
             raise StoreError("delete_intent returned no intent", repr(result))
+        return result
+
+    async def record_drill(self, record: DrillRecord) -> DrillRecord:
+        result = await self._replicate(drill_command(record))
+        if not isinstance(result, DrillRecord):
+            raise StoreError("record_drill returned no drill record", repr(result))
         return result
 
     async def commit_decision(self, decision: Decision) -> Decision:

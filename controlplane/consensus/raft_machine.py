@@ -47,7 +47,14 @@ from controlplane.model import (
     observation_from_json,
     observation_to_json,
 )
-from controlplane.state import ControlState, state_from_json, state_to_json
+from controlplane.state import (
+    ControlState,
+    DrillRecord,
+    drill_from_json,
+    drill_to_json,
+    state_from_json,
+    state_to_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,10 @@ def decision_command(decision: Decision) -> bytes:
 
 def epoch_command(epoch: str) -> bytes:
     return orjson.dumps({"op": "epoch", "epoch": epoch})
+
+
+def drill_command(record: DrillRecord) -> bytes:
+    return orjson.dumps({"op": "drill", "drill": drill_to_json(record)})
 
 
 # -- the machine ---------------------------------------------------------------------------
@@ -175,10 +186,16 @@ def _epoch(state: ControlState, c: _Command, term: int, ctime: float) -> _Result
     return transitions.init_epoch(state, str(c["epoch"]), ctime)
 
 
+def _drill(state: ControlState, c: _Command, term: int, ctime: float) -> _Result:
+    # Recorded at the entry's cluster time, like every other time the machine stamps.
+    return transitions.record_drill(state, drill_from_json(c["drill"]), ctime)
+
+
 _HANDLERS: dict[str, _Handler] = {
     "observations": _observations,
     "intent": _intent,
     "delete": _delete,
     "decision": _decision,
     "epoch": _epoch,
+    "drill": _drill,
 }

@@ -15,7 +15,7 @@ import pytest
 from controlplane.consensus import ControlStore
 from controlplane.errors import Conflict, NotFound, NotLeader, Rejected
 from controlplane.model import Decision, Intent, IntentKind, Observation, Placement, State
-from controlplane.state import HISTORY_LIMIT, ControlState, StoreStatus
+from controlplane.state import DRILLS_LIMIT, HISTORY_LIMIT, ControlState, DrillRecord, StoreStatus
 
 from .conftest import ClusterFactory, eventually
 
@@ -65,10 +65,27 @@ def undrain(intent_id: str, region: str = "cn-east") -> Intent:
     return Intent(id=intent_id, kind=IntentKind.UNDRAIN, reason="done", who="alice", region=region)
 
 
+def drill_result(drill_id: str, rto_s: float | None = 41.2, region: str = "cn-east") -> DrillRecord:
+    return DrillRecord(
+        id=drill_id,
+        region=region,
+        service=None,
+        who="alice",
+        started_at=1000.0,
+        ended_at=1120.0,
+        objective_s=90.0,
+        rto_s=rto_s,
+        passed=rto_s is not None and rto_s <= 90.0,
+        stages={"decision_committed": 2.5, "served": 2.9, "applied": rto_s},
+        late_lbs=() if rto_s is not None else ("haproxy-east",),
+        summary="a drill for the test",
+    )
+
+
 def seen(store: ControlStore) -> tuple[object, ...]:
     """What a reader of `store` can see, for checking that nothing changed."""
     s = store.state()
-    return (s.version, s.decision, dict(s.intents), s.intent_seq, dict(s.observations), s.history)
+    return (s.version, s.decision, dict(s.intents), s.intent_seq, dict(s.observations), s.history, s.drills)
 
 
 async def test_decision_committed_on_leader_is_visible_on_every_member(
@@ -207,6 +224,53 @@ async def test_delete_intent_removes_it_everywhere(cluster_factory: ClusterFacto
         await leader.delete_intent("drain-south", who="carol", reason="replaced")
 
 
+async def test_a_drill_recorded_on_one_member_is_visible_on_every_member_once(
+    cluster_factory: ClusterFactory,
+) -> None:
+    cluster = await cluster_factory(3)
+    follower, other = cluster.followers()
+
+    stored = await follower.record_drill(drill_result("drill-east-1"))
+
+    assert stored == dataclasses.replace(drill_result("drill-east-1"), recorded_at=stored.recorded_at)
+    assert stored.recorded_at > 0  # stamped by the store
+    await cluster.converged(lambda s: s.drills == (stored,), what="the drill")
+    for store in cluster.stores.values():
+        last = store.state().history[-1]
+        assert (last.kind, last.intent_id, last.who) == ("drill", "drill-east-1", "alice")
+        assert last.summary == "drill of cn-east by alice: RTO 41.2 s, objective 90 s: passed"
+
+    # The same id again (cpctl retrying after a timeout), from another member: kept once,
+    # as first recorded, whatever the retry says.
+    before = {m: seen(s) for m, s in cluster.stores.items()}
+    again = await other.record_drill(drill_result("drill-east-1", rto_s=None))
+    assert again == stored
+    await asyncio.sleep(0.2)
+    assert {m: seen(s) for m, s in cluster.stores.items()} == before
+
+    # A record that contradicts itself is refused and changes nothing.
+    with pytest.raises(Rejected):
+        await other.record_drill(dataclasses.replace(drill_result("drill-bad"), rto_s=None, passed=True))
+    await asyncio.sleep(0.2)
+    assert {m: seen(s) for m, s in cluster.stores.items()} == before
+
+
+async def test_drills_are_bounded_to_the_newest(cluster_factory: ClusterFactory) -> None:
+    cluster = await cluster_factory(3)
+    _, leader = cluster.leader()
+    follower = cluster.followers()[0]
+    total = DRILLS_LIMIT + 3
+
+    for i in range(total):
+        await (leader if i % 2 else follower).record_drill(drill_result(f"drill-{i:04}"))
+
+    newest = [f"drill-{i:04}" for i in range(total - DRILLS_LIMIT, total)]
+    await cluster.converged(lambda s: [d.id for d in s.drills] == newest, what="the newest drills")
+    # Every member holds the same records, stamps included.
+    first, *others = [s.state().drills for s in cluster.stores.values()]
+    assert all(o == first for o in others)
+
+
 async def test_observations_are_replaced_per_observer(cluster_factory: ClusterFactory) -> None:
     cluster = await cluster_factory(3)
     m0, m1 = cluster.store("m0"), cluster.store("m1")
@@ -319,12 +383,18 @@ async def test_a_full_restart_recovers_decision_and_intents_from_disk(
     first = make_decision(1, leader)
     await leader.commit_decision(first)
     drained = await cluster.followers()[0].submit_intent(drain("drain-north", region="cn-north"))
+    drilled = await cluster.followers()[1].record_drill(drill_result("drill-north", region="cn-north"))
     await leader.publish_observations(
         leader.status().member_id,
         [Observation(observer=leader.status().member_id, region="cn-east", service="order", up=True, at=5.0)],
     )
     await cluster.converged(
-        lambda s: s.decision == first and "drain-north" in s.intents and bool(s.observations)
+        lambda s: (
+            s.decision == first
+            and "drain-north" in s.intents
+            and bool(s.observations)
+            and s.drills == (drilled,)
+        )
     )
     before = {m: seen(s) for m, s in cluster.stores.items()}
 
@@ -336,6 +406,9 @@ async def test_a_full_restart_recovers_decision_and_intents_from_disk(
     new_id = await cluster.wait_for_leader()
     new = cluster.store(new_id)
     assert new.state().intents["drain-north"] == drained
+    assert new.state().drills == (drilled,)
+    # Still recorded once: the id is known after the restart.
+    assert await new.record_drill(drill_result("drill-north", region="cn-north")) == drilled
     second = make_decision(2, new)
     await new.commit_decision(second)
     await cluster.converged(lambda s: s.decision == second)

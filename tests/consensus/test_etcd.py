@@ -24,7 +24,14 @@ from aetcd import rpc
 from controlplane.config import parse_settings
 from controlplane.consensus import EtcdStore
 from controlplane.consensus.etcd_client import EtcdClient, EtcdTls, Event, KeyValue, WatchBatch, put
-from controlplane.consensus.etcd_view import EtcdView, Layout, encode_decision, encode_history, encode_intent
+from controlplane.consensus.etcd_view import (
+    EtcdView,
+    Layout,
+    encode_decision,
+    encode_drill,
+    encode_history,
+    encode_intent,
+)
 from controlplane.consensus.factory import make_store
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, StoreError
 from controlplane.model import Decision, Observation
@@ -32,7 +39,7 @@ from controlplane.state import HISTORY_LIMIT, ControlState, HistoryEntry, StoreS
 from controlplane.testing.etcdlocal import DEBIAN_PACKAGE, EtcdUnavailable, LocalEtcd, LocalEtcdTls
 
 from .conftest import Cluster, ClusterFactory, EtcdBackend, eventually, free_port
-from .test_behaviour import drain, make_decision, seen
+from .test_behaviour import drain, drill_result, make_decision, seen
 
 # etcd's minimum lease TTL: faults that wait for a lease to run out stay short.
 FAULT_LEASE_TTL_S = 2
@@ -146,6 +153,7 @@ async def test_keys_live_where_the_layout_says_with_leases_where_they_expire(
     await leader.commit_decision(make_decision(1, leader))
     await follower.submit_intent(drain("maint/1"))
     await leader.publish_observations(leader_id, [obs(leader_id)])
+    await follower.record_drill(drill_result("drill-1"))
 
     prefix = backend.prefix(cluster)
     keys = await read_prefix(backend.etcd, prefix)
@@ -163,6 +171,9 @@ async def test_keys_live_where_the_layout_says_with_leases_where_they_expire(
         p + b"/epoch",
         p + b"/history/e/epoch",
         p + b"/clock",
+        p + b"/drills/%020d" % 1,
+        p + b"/drill-seq",
+        p + b"/history/r/%020d" % 1,
     }
     assert set(keys) == expected
     assert keys[p + b"/epoch"].value == leader.state().epoch.encode()
@@ -174,6 +185,7 @@ async def test_keys_live_where_the_layout_says_with_leases_where_they_expire(
     assert keys[p + b"/leader"].value == leader_id.encode()
     assert keys[p + b"/leader"].create_revision == leader.status().term
     assert keys[p + b"/decision/value"].lease == 0  # committed state outlives every member
+    assert keys[p + b"/drills/%020d" % 1].lease == 0  # so do drill results
 
 
 async def test_a_deposed_leaders_late_commit_is_refused_by_etcd(cluster_factory: ClusterFactory) -> None:
@@ -278,6 +290,26 @@ async def test_concurrent_intents_from_every_member_each_get_one_sequence_number
     await cluster.converged(lambda s: len(s.intents) == 12 and s.intent_seq == 12)
     history = [h for h in stores[0].state().history if h.kind == "intent"]
     assert [h.intent_id for h in history] == [i.id for i in sorted(committed, key=lambda i: i.seq)]
+
+
+async def test_concurrent_drills_from_every_member_are_each_recorded_once(
+    cluster_factory: ClusterFactory, backend: EtcdBackend
+) -> None:
+    cluster = await cluster_factory(3)
+    stores = list(cluster.stores.values())
+    # Six drills, each sent twice at once through two different members.
+    writes = [stores[(i + k) % 3].record_drill(drill_result(f"drill-{i}")) for i in range(6) for k in (0, 1)]
+
+    recorded = await asyncio.gather(*writes)
+
+    for i in range(6):
+        assert recorded[2 * i] == recorded[2 * i + 1]  # the retry got the first one back
+    await cluster.converged(lambda s: len(s.drills) == 6, what="six drills")
+    assert sorted(d.id for d in stores[0].state().drills) == [f"drill-{i}" for i in range(6)]
+    keys = await read_prefix(backend.etcd, backend.prefix(cluster))
+    p = backend.prefix(cluster).encode()
+    assert keys[p + b"/drill-seq"].value == b"6"
+    assert sum(1 for k in keys if k.startswith(p + b"/history/r/")) == 6
 
 
 async def test_two_commits_of_one_revision_at_once_one_wins_one_conflicts(
@@ -751,6 +783,35 @@ def test_the_view_ignores_what_it_cannot_decode() -> None:
     view.apply(batch)
     assert view.state.decision is None
     assert dict(view.state.observations) == {}  # m1's key cannot speak for m9
+
+
+def test_the_view_shows_drills_in_sequence_order_and_skips_undecodable_ones() -> None:
+    view = EtcdView(LAYOUT)
+    first, second = drill_result("drill-a"), drill_result("drill-b", rto_s=None)
+    view.reset(
+        [
+            KeyValue(LAYOUT.drill(2), encode_drill(second), 3, 3),
+            KeyValue(LAYOUT.drill(1), encode_drill(first), 4, 4),  # created later, but seq 1
+            KeyValue(LAYOUT.drill_seq, b"2", 4, 4),
+        ],
+        revision=4,
+    )
+    assert view.state.drills == (first, second)
+    assert (view.drills_read().seq, view.drills_read().seq_mod_revision) == (2, 4)
+
+    third = drill_result("drill-c")
+    batch = WatchBatch(
+        5,
+        (
+            put_event(LAYOUT.drill(3), encode_drill(third), 5),
+            put_event(LAYOUT.drill_seq, b"3", 5),
+            delete_event(LAYOUT.drill(1), 5),
+            put_event(LAYOUT.drill(4), b"not json", 5),
+        ),
+    )
+    assert view.apply(batch) is True
+    assert view.state.drills == (second, third)
+    assert view.state.version == 5
 
 
 def test_history_shows_the_newest_entries_of_decisions_and_intents_together() -> None:

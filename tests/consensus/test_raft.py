@@ -17,7 +17,12 @@ import pytest
 
 from controlplane.consensus import RaftStore, RaftTimings
 from controlplane.consensus.raft import write_failed
-from controlplane.consensus.raft_machine import ControlMachine, decision_command, intent_command
+from controlplane.consensus.raft_machine import (
+    ControlMachine,
+    decision_command,
+    drill_command,
+    intent_command,
+)
 from controlplane.errors import ConfigError, Conflict, NoQuorum, NotLeader, Rejected, StoreError
 from controlplane.model import Decision, Intent, Observation
 from controlplane.raft import (
@@ -32,7 +37,7 @@ from controlplane.raft import (
 from controlplane.state import ControlState
 
 from .conftest import SECRET, Backend, ClusterFactory, RaftBackend, eventually, free_port
-from .test_behaviour import drain, make_decision, seen, undrain
+from .test_behaviour import drain, drill_result, make_decision, seen, undrain
 
 # A snapshot as soon as 20 entries were applied since the last one, so a test reaches it.
 COMPACTING = RaftTimings(snapshot_entries=20)
@@ -311,10 +316,26 @@ def test_observations_are_stamped_with_the_entrys_cluster_time() -> None:
     assert machine.state.observations[("m1", "cn-east", "order")].at == 500.0
 
 
+def test_the_machine_records_a_drill_once_at_the_entrys_cluster_time() -> None:
+    machine = ControlMachine(lambda state: None)
+
+    stored = machine.apply(1, 1, 500.0, drill_command(drill_result("drill-1")))
+    before = machine.state
+    again = machine.apply(2, 1, 501.0, drill_command(drill_result("drill-1", rto_s=None)))
+    refused = machine.apply(3, 1, 502.0, drill_command(dataclasses.replace(drill_result("x"), who="")))
+
+    assert stored == dataclasses.replace(drill_result("drill-1"), recorded_at=500.0)
+    assert again == stored
+    assert isinstance(refused, Rejected)
+    assert machine.state is before
+    assert (before.version, before.drills, before.history[-1].kind) == (1, (stored,), "drill")
+
+
 def test_snapshots_round_trip_the_whole_state() -> None:
     machine = ControlMachine(lambda state: None)
     machine.apply(1, 1, 10.0, intent_command(drain("d1")))
     machine.apply(2, 1, 11.0, decision_command(stamped(1, term=1)))
+    machine.apply(3, 1, 12.0, drill_command(drill_result("drill-1")))
     copy = ControlMachine(lambda state: None)
     copy.restore(machine.snapshot())
     assert copy.state == machine.state
