@@ -15,7 +15,7 @@ from aiohttp import web
 
 from controlplane.access import Scope
 from controlplane.agent.node import Node
-from controlplane.api import lbs, ofrep, openapi, read, ui, write
+from controlplane.api import drills, lbs, ofrep, openapi, read, ui, write
 from controlplane.api.auth import require
 from controlplane.api.common import CLOSE_AFTER, NODE, Handler, error_response, json_response, route_name
 from controlplane.errors import ControlplaneError
@@ -69,6 +69,7 @@ def create_app(node: Node) -> web.Application:
     read.add_routes(app)
     write.add_routes(app)
     lbs.add_routes(app)
+    drills.add_routes(app)
     ui.add_routes(app)
     ofrep.add_routes(app)
     app[OPENAPI] = openapi.build()

@@ -104,6 +104,9 @@ def build() -> dict[str, Any]:
         s.LbOut,
         s.LbsOut,
         s.IntentRemoved,
+        s.DrillRecordBody,
+        s.DrillRecordOut,
+        s.DrillRecordsOut,
         s.OfrepRequest,
         s.OfrepEvaluation,
         s.OfrepBulk,
@@ -235,6 +238,7 @@ def build() -> dict[str, Any]:
                 },
             }
         },
+        **_drill_paths(),
         **_ofrep_paths(),
         "/healthz": _get("The process is alive", s.HealthOut, errors={}),
         "/readyz": {
@@ -263,6 +267,34 @@ def build() -> dict[str, Any]:
 
 def _ref_name(name: str) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _drill_paths() -> dict[str, Any]:
+    """Drill results: recorded by `cpctl drill` when a drill ends, listed by `cpctl drill history`."""
+    limit = {
+        "name": "limit",
+        "in": "query",
+        "required": False,
+        "schema": {"type": "integer", "minimum": 1, "maximum": 100},
+        "description": "At most this many, newest first (default and most: 100, all that are kept)",
+    }
+    return {
+        "/v1/drills": {
+            **_get("Past drills and their RTO, newest first", s.DrillRecordsOut, [limit]),
+            "post": {
+                "summary": "Record a drill's result (scope operate; who is the token's name)",
+                "security": [{"bearer": []}],
+                "requestBody": {"required": True, "content": {JSON: {"schema": _ref(s.DrillRecordBody)}}},
+                "responses": {
+                    "201": _answer("Recorded", s.DrillRecordOut),
+                    "200": _answer("Recorded before under this id: the stored record", s.DrillRecordOut),
+                    "404": _answer("Unknown region or service", s.ErrorOut),
+                    "413": {"description": "Body too large"},
+                    **ERRORS,
+                },
+            },
+        }
+    }
 
 
 def _ofrep_paths() -> dict[str, Any]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 # Control characters (C0 but tab, DEL, C1, bidirectional overrides) in free text would
 # act on the terminals and pages that show it; names are patterns that exclude them.
@@ -371,7 +371,7 @@ class RegionsOut(BaseModel):
 
 
 class HistoryEntryOut(BaseModel):
-    kind: Literal["decision", "intent", "intent-removed", "epoch"]
+    kind: Literal["decision", "intent", "intent-removed", "epoch", "drill"]
     at: float
     revision: int
     summary: str
@@ -384,6 +384,79 @@ class HistoryOut(BaseModel):
     entries: list[HistoryEntryOut]
     next_before: float | None
     total: int
+
+
+# -- drills (`POST /v1/drills`, `GET /v1/drills`) ------------------------------------------
+
+# The longest a drill's objective may be (a day, the longest a drill may last).
+DRILL_OBJECTIVE_MAX_S = 86400.0
+
+DrillSeconds = Annotated[float, Field(ge=0, le=1e10, allow_inf_nan=False)]
+StageName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+LbName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
+Summary = Annotated[str, Field(max_length=500), AfterValidator(_no_control)]
+
+
+class DrillRecordBody(BaseModel):
+    """`POST /v1/drills`: a drill's measured result, as `cpctl drill` sends it when it ends.
+
+    `who` is not part of it (the name of the token that sends it is recorded), nor is
+    `recorded_at` (the store stamps it). `id` is the drill intent's id: the same id again
+    is a retry and records nothing new.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    id: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{8,64}$")]
+    region: NameStr
+    service: NameStr | None = None
+    started_at: UnixTime
+    ended_at: UnixTime
+    objective_s: Annotated[float, Field(gt=0, le=DRILL_OBJECTIVE_MAX_S, allow_inf_nan=False)]
+    rto_s: DrillSeconds | None = Field(None, description="seconds to recovery; null when not measured")
+    passed: bool
+    stages: Annotated[dict[StageName, DrillSeconds | None], Field(max_length=32)] = Field(
+        default_factory=dict, description="stage name -> seconds from the start; null when not reached"
+    )
+    late_lbs: Annotated[list[LbName], Field(max_length=64)] = Field(
+        default_factory=list, description="load balancers that had not applied the decision in time"
+    )
+    summary: Summary = ""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DrillRecordBody:
+        if self.ended_at < self.started_at:
+            raise ValueError(
+                f"ended_at must not be before started_at (got {self.ended_at} < {self.started_at})"
+            )
+        if self.passed and (self.rto_s is None or self.rto_s > self.objective_s):
+            raise ValueError(
+                "passed: a drill passes only with an RTO measured within its objective "
+                f"(got rto_s {self.rto_s}, objective_s {self.objective_s})"
+            )
+        return self
+
+
+class DrillRecordOut(BaseModel):
+    id: str
+    region: str
+    service: str | None
+    who: str
+    started_at: float
+    ended_at: float
+    objective_s: float
+    rto_s: float | None
+    passed: bool
+    stages: dict[str, float | None]
+    late_lbs: list[str]
+    summary: str
+    recorded_at: float
+
+
+class DrillRecordsOut(BaseModel):
+    drills: list[DrillRecordOut] = Field(description="newest first")
+    limit: int = Field(description="at most this many were asked for")
+    total: int = Field(description="how many drills this cluster keeps now (the newest 100)")
 
 
 class HealthOut(BaseModel):
