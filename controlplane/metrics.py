@@ -16,13 +16,17 @@ Load balancers (issue 17): `controlplane_lb_applied_revision_lag{lb}`,
 `controlplane_lb_report_age_seconds{lb}` and `controlplane_lb_ok{lb}`, computed at
 scrape time from the reports this agent holds (`lbreports`), so an LB whose report
 expired has no series left: the label set is bounded by the registry's bound.
+
+Drills (issue 17): `controlplane_drill_last_*` are computed at scrape time from the
+drill results in the replicated state (`DrillGauges`), so every agent shows the same
+values and they survive restarts; a series is absent until there is a drill to show.
 """
 
 from __future__ import annotations
 
 import asyncio
 import platform
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
@@ -31,7 +35,7 @@ from prometheus_client.registry import Collector
 from controlplane import __version__
 from controlplane.lbreports import LbView
 from controlplane.model import Decision, State, Verdict
-from controlplane.state import StoreStatus
+from controlplane.state import DrillRecord, StoreStatus
 
 PROBE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 FAILOVER_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -98,6 +102,47 @@ class LbReportCollector(Collector):
         yield ok
 
 
+class DrillGauges(Collector):
+    """The last drills' results, read from the replicated state at scrape time.
+
+    "Last" is by end time (the latest recorded wins a tie). Each family is always
+    described, with a sample only when there is something to show: a cluster that never
+    ran a drill (or never passed one) has no `..._last_passed_timestamp_seconds` sample,
+    which the alert rules tell apart from an old one.
+    """
+
+    def __init__(self) -> None:
+        self._drills: Callable[[], Sequence[DrillRecord]] = tuple
+
+    def follow(self, drills: Callable[[], Sequence[DrillRecord]]) -> None:
+        """Read the drills from `drills` (the node's applied state) at every scrape."""
+        self._drills = drills
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        by_end = sorted(enumerate(self._drills()), key=lambda p: (p[1].ended_at, p[0]))
+        last = by_end[-1][1] if by_end else None
+        rtos = [d.rto_s for _, d in by_end if d.rto_s is not None]
+        passed = [d for _, d in by_end if d.passed]
+        rto = GaugeMetricFamily(
+            "controlplane_drill_last_rto_seconds",
+            "RTO of the last drill measured to the end (drill start to applied by every load balancer)",
+        )
+        if rtos:
+            rto.add_metric([], rtos[-1])
+        ended = GaugeMetricFamily(
+            "controlplane_drill_last_timestamp_seconds", "When the last drill ended (Unix time)"
+        )
+        if last is not None:
+            ended.add_metric([], last.ended_at)
+        passed_at = GaugeMetricFamily(
+            "controlplane_drill_last_passed_timestamp_seconds",
+            "When the last drill that met its objective ended (Unix time); absent when none has",
+        )
+        if passed:
+            passed_at.add_metric([], passed[-1].ended_at)
+        yield from (rto, ended, passed_at)
+
+
 class Metrics:
     def __init__(self, agent_id: str, registry: CollectorRegistry | None = None) -> None:
         self.agent_id = agent_id
@@ -110,6 +155,8 @@ class Metrics:
         r.register(self.tasks)
         self.lb_reports = LbReportCollector()
         r.register(self.lb_reports)
+        self.drills = DrillGauges()
+        r.register(self.drills)
         self.probe_duration = Histogram(
             "controlplane_probe_duration_seconds",
             "Duration of probes by this agent",

@@ -51,6 +51,7 @@ class Node:
         self.metrics.watchers.set_function(lambda: self.watchers)
         self.lbs = LbRegistry(min_expiry_s=self.settings.model.api.lb_report_min_expiry_s)
         self.metrics.lb_reports.set_source(self.lb_views)
+        self.metrics.drills.follow(lambda: self.store.state().drills)
 
     @contextlib.contextmanager
     def watcher(self) -> Iterator[None]:

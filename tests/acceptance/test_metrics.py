@@ -49,6 +49,10 @@ async def test_metrics_pass_promtool(solo: LocalCluster) -> None:
         "controlplane_decision_revision",
         "controlplane_api_requests_total{",
         "controlplane_feature_enabled{",
+        # Described even before any drill (then without a sample, which promtool accepts).
+        "# TYPE controlplane_drill_last_rto_seconds gauge",
+        "# TYPE controlplane_drill_last_timestamp_seconds gauge",
+        "# TYPE controlplane_drill_last_passed_timestamp_seconds gauge",
     ):
         assert name in text, name
     result = await asyncio.to_thread(

@@ -14,9 +14,11 @@ import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from prometheus_client import generate_latest
 
 from controlplane import transitions
 from controlplane.errors import Rejected
+from controlplane.metrics import Metrics
 from controlplane.state import (
     DRILL_LATE_LBS_MAX,
     DRILL_STAGE_NAME_MAX,
@@ -201,3 +203,39 @@ def test_a_record_out_of_bounds_is_rejected_and_changes_nothing(record: DrillRec
         transitions.record_drill(state, record, at=1.0)
     assert problem in refused.value.detail
     assert state.drills == ()
+
+
+# -- metrics -----------------------------------------------------------------------------------
+
+
+def scrape(drills: tuple[DrillRecord, ...]) -> dict[str, float]:
+    metrics = Metrics("m0")
+    metrics.drills.follow(lambda: drills)
+    text = generate_latest(metrics.registry).decode()
+    assert "# TYPE controlplane_drill_last_passed_timestamp_seconds gauge" in text  # always described
+    return {
+        name: float(value)
+        for name, value in (line.split(" ", 1) for line in text.splitlines())
+        if name.startswith("controlplane_drill_")
+    }
+
+
+def test_no_drill_yet_shows_no_samples() -> None:
+    assert scrape(()) == {}
+
+
+def test_the_last_drill_is_the_last_to_end_whatever_the_order_recorded() -> None:
+    old_pass = drill("d-old", ended_at=1000.0, rto_s=30.0)
+    new_fail = drill("d-new", ended_at=3000.0, rto_s=None, passed=False)
+    mid_fail = drill("d-mid", ended_at=2000.0, rto_s=95.0, passed=False)
+    assert scrape((new_fail, old_pass, mid_fail)) == {
+        "controlplane_drill_last_timestamp_seconds": 3000.0,
+        "controlplane_drill_last_rto_seconds": 95.0,  # the last one measured to the end
+        "controlplane_drill_last_passed_timestamp_seconds": 1000.0,
+    }
+
+
+def test_without_a_passing_drill_its_series_is_absent() -> None:
+    assert scrape((drill("d1", rto_s=None, passed=False),)) == {
+        "controlplane_drill_last_timestamp_seconds": 1_000_120.0,
+    }
