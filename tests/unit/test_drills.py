@@ -17,6 +17,8 @@ from hypothesis import strategies as st
 from prometheus_client import generate_latest
 
 from controlplane import transitions
+from controlplane.api.drills import parse_drill
+from controlplane.client.drills import drill_body
 from controlplane.errors import Rejected
 from controlplane.metrics import Metrics
 from controlplane.state import (
@@ -239,3 +241,65 @@ def test_without_a_passing_drill_its_series_is_absent() -> None:
     assert scrape((drill("d1", rto_s=None, passed=False),)) == {
         "controlplane_drill_last_timestamp_seconds": 1_000_120.0,
     }
+
+
+# -- the client helper -----------------------------------------------------------------------
+
+
+def test_the_helper_derives_the_rto_and_the_verdict_from_the_stages() -> None:
+    body = drill_body(
+        drill_id="drill-0001",
+        region="cn-east",
+        service=None,
+        started_at=1000.0,
+        ended_at=1120.0,
+        objective_s=90.0,
+        stages={"decision_committed": 2.5004, "served": 2.9, "applied": 41.2},
+        rto_stage="applied",
+    )
+    assert (body["rto_s"], body["passed"], body["stages"]["decision_committed"]) == (41.2, True, 2.5)
+    late = drill_body(**{**HELPER_ARGS, "stages": {"served": 2.9, "applied": None}, "late_lbs": ["lb-1"]})
+    assert (late["rto_s"], late["passed"], late["late_lbs"]) == (None, False, ["lb-1"])
+    with pytest.raises(ValueError, match="rto_stage"):
+        drill_body(**{**HELPER_ARGS, "rto_stage": "nope"})
+    with pytest.raises(ValueError, match="ends before"):
+        drill_body(**{**HELPER_ARGS, "ended_at": 999.0})
+
+
+HELPER_ARGS: dict[str, object] = {
+    "drill_id": "drill-0002",
+    "region": "cn-south",
+    "service": "order",
+    "started_at": 1000.0,
+    "ended_at": 1120.0,
+    "objective_s": 90.0,
+    "stages": {"applied": 12.0},
+    "rto_stage": "applied",
+}
+
+
+@given(
+    stages=st.dictionaries(
+        st.from_regex(r"[a-z][a-z_]{0,20}", fullmatch=True),
+        st.none() | st.floats(allow_nan=True, allow_infinity=True),
+        min_size=1,
+        max_size=32,
+    ),
+    late=st.lists(st.from_regex(r"[a-z][a-z0-9-]{0,30}", fullmatch=True), max_size=100),
+    summary=st.text(max_size=800),
+)
+def test_whatever_a_drill_measured_the_helpers_body_is_accepted(
+    stages: dict[str, float | None], late: list[str], summary: str
+) -> None:
+    body = drill_body(
+        **{
+            **HELPER_ARGS,
+            "stages": stages,
+            "rto_stage": next(iter(stages)),
+            "late_lbs": late,
+            "summary": summary,
+        }
+    )
+    # What an agent does with it: the body's checks, then the state machine's.
+    record = parse_drill(orjson.loads(orjson.dumps(body)), who="alice")
+    assert transitions.drill_problems(record) == []
