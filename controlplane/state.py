@@ -40,6 +40,10 @@ DRILL_STAGE_NAME_MAX = 64
 DRILL_LATE_LBS_MAX = 64
 DRILL_LB_NAME_MAX = 64
 DRILL_SUMMARY_MAX = 500
+# Seconds a stage or the RTO may be, either way of the start: a stage is measured with
+# more than one clock (the operator's, the cluster's, a load balancer's), so one may come
+# out a little before the start; it is kept as measured. The bound only keeps it sane.
+DRILL_SECONDS_MAX = 10_000_000.0
 
 ObservationKey = tuple[str, str, str]  # (observer, region, service)
 

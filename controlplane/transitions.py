@@ -29,6 +29,7 @@ from controlplane.state import (
     DRILL_LATE_LBS_MAX,
     DRILL_LB_NAME_MAX,
     DRILL_NAME_MAX,
+    DRILL_SECONDS_MAX,
     DRILL_STAGE_NAME_MAX,
     DRILL_STAGES_MAX,
     DRILL_SUMMARY_MAX,
@@ -261,7 +262,8 @@ def drill_problems(record: DrillRecord) -> list[str]:
     Checked again by the state machine, whoever wrote the command: every part of a record
     is bounded (it is kept by every member), every time is a finite number, the drill
     ends after it starts, and a drill that passed was measured to the end within its
-    objective.
+    objective. A stage (or the RTO) a little before the start is accepted as measured:
+    see `DRILL_SECONDS_MAX`.
     """
     out: list[str] = []
 
@@ -282,8 +284,8 @@ def drill_problems(record: DrillRecord) -> list[str]:
         out.append(f"ended_at: must not be before started_at (got {record.ended_at} < {record.started_at})")
     if not (math.isfinite(record.objective_s) and record.objective_s > 0):
         out.append(f"objective_s: must be a positive number of seconds (got {record.objective_s})")
-    if record.rto_s is not None and not (math.isfinite(record.rto_s) and record.rto_s >= 0):
-        out.append(f"rto_s: must be a number of seconds >= 0 or null (got {record.rto_s})")
+    if record.rto_s is not None and not _sane_seconds(record.rto_s):
+        out.append(f"rto_s: must be seconds within +-{DRILL_SECONDS_MAX:g} or null (got {record.rto_s})")
     if record.passed and (record.rto_s is None or record.rto_s > record.objective_s):
         out.append(
             f"passed: a drill passes only with an RTO measured within its objective "
@@ -294,8 +296,10 @@ def drill_problems(record: DrillRecord) -> list[str]:
     for stage, seconds in list(record.stages.items())[: DRILL_STAGES_MAX + 1]:
         if not stage or len(stage) > DRILL_STAGE_NAME_MAX:
             out.append(f"stages: a name must be 1 to {DRILL_STAGE_NAME_MAX} characters (got {stage[:80]!r})")
-        if seconds is not None and not (math.isfinite(seconds) and seconds >= 0):
-            out.append(f"stages.{stage[:80]}: must be seconds >= 0 or null (got {seconds})")
+        if seconds is not None and not _sane_seconds(seconds):
+            out.append(
+                f"stages.{stage[:80]}: must be seconds within +-{DRILL_SECONDS_MAX:g} or null (got {seconds})"
+            )
     if len(record.late_lbs) > DRILL_LATE_LBS_MAX:
         out.append(f"late_lbs: at most {DRILL_LATE_LBS_MAX} (got {len(record.late_lbs)})")
     for lb in record.late_lbs[: DRILL_LATE_LBS_MAX + 1]:
@@ -304,6 +308,10 @@ def drill_problems(record: DrillRecord) -> list[str]:
     if len(record.summary) > DRILL_SUMMARY_MAX:
         out.append(f"summary: at most {DRILL_SUMMARY_MAX} characters (got {len(record.summary)})")
     return out
+
+
+def _sane_seconds(value: float) -> bool:
+    return math.isfinite(value) and abs(value) <= DRILL_SECONDS_MAX
 
 
 def remember(recent: Mapping[str, Intent], intent: Intent) -> dict[str, Intent]:

@@ -14,6 +14,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from controlplane.lbreports import NAME_PATTERN as LB_NAME_PATTERN
+from controlplane.state import (
+    DRILL_LATE_LBS_MAX,
+    DRILL_SECONDS_MAX,
+    DRILL_STAGE_NAME_MAX,
+    DRILL_STAGES_MAX,
+    DRILL_SUMMARY_MAX,
+)
+
 # Control characters (C0 but tab, DEL, C1, bidirectional overrides) in free text would
 # act on the terminals and pages that show it; names are patterns that exclude them.
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
@@ -391,10 +400,14 @@ class HistoryOut(BaseModel):
 # The longest a drill's objective may be (a day, the longest a drill may last).
 DRILL_OBJECTIVE_MAX_S = 86400.0
 
-DrillSeconds = Annotated[float, Field(ge=0, le=1e10, allow_inf_nan=False)]
-StageName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
-LbName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")]
-Summary = Annotated[str, Field(max_length=500), AfterValidator(_no_control)]
+# Stage times may come out a little before the start (see `state.DRILL_SECONDS_MAX`).
+DrillSeconds = Annotated[float, Field(ge=-DRILL_SECONDS_MAX, le=DRILL_SECONDS_MAX, allow_inf_nan=False)]
+StageName = Annotated[
+    str, Field(min_length=1, max_length=DRILL_STAGE_NAME_MAX, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")
+]
+# A load balancer is named as it reports itself (`POST /v1/lbs/{name}`).
+LbName = Annotated[str, Field(pattern=LB_NAME_PATTERN)]
+Summary = Annotated[str, Field(max_length=DRILL_SUMMARY_MAX), AfterValidator(_no_control)]
 
 
 class DrillRecordBody(BaseModel):
@@ -415,10 +428,10 @@ class DrillRecordBody(BaseModel):
     objective_s: Annotated[float, Field(gt=0, le=DRILL_OBJECTIVE_MAX_S, allow_inf_nan=False)]
     rto_s: DrillSeconds | None = Field(None, description="seconds to recovery; null when not measured")
     passed: bool
-    stages: Annotated[dict[StageName, DrillSeconds | None], Field(max_length=32)] = Field(
+    stages: Annotated[dict[StageName, DrillSeconds | None], Field(max_length=DRILL_STAGES_MAX)] = Field(
         default_factory=dict, description="stage name -> seconds from the start; null when not reached"
     )
-    late_lbs: Annotated[list[LbName], Field(max_length=64)] = Field(
+    late_lbs: Annotated[list[LbName], Field(max_length=DRILL_LATE_LBS_MAX)] = Field(
         default_factory=list, description="load balancers that had not applied the decision in time"
     )
     summary: Summary = ""

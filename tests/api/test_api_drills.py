@@ -127,6 +127,24 @@ async def test_an_operator_records_once_as_the_token_and_reads_it_back(solo: InP
     assert history["entries"][0]["intent_id"] == "drill-east-0001"
 
 
+async def test_what_cpctl_drill_sends_is_recorded(solo: InProcessCluster) -> None:
+    """The body `cpctl drill` builds (controlplane/cpctl/drill.py `_record`): stage names of
+    its own, load balancers named ADAPTER@HOST, times through estimated clock offsets."""
+    body = result(
+        "5f3c2a9d1e0b4c7a",  # secrets.token_hex(8), the drill intent's id
+        service="order",
+        rto_s=None,
+        passed=False,
+        stages={"committed": -0.003, "served_all": 0.412, "applied_all": None, "back_committed": 1.2},
+        late_lbs=["haproxy@lb-east-1.example.com"],
+        summary="FAILED: the RTO was not reached (objective 90 s)",
+    )
+    status, answer = await call(solo, "POST", "/v1/drills", OPERATE, body)
+    assert status == 201, answer
+    assert answer["stages"]["committed"] == -0.003
+    assert answer["late_lbs"] == ["haproxy@lb-east-1.example.com"]
+
+
 async def test_the_list_is_newest_first_and_limited(solo: InProcessCluster) -> None:
     for i, region in enumerate(("cn-south", "cn-north")):
         body = result(
@@ -159,10 +177,11 @@ async def test_the_list_is_newest_first_and_limited(solo: InProcessCluster) -> N
         (result("drill-bad-0005", rto_s=None), 400, "objective"),
         (result("drill-bad-0006", ended_at=1_699_999_999.0), 400, "ended_at"),
         (result("drill-bad-0007", objective_s=0), 400, "objective_s"),
-        (result("drill-bad-0008", rto_s=-1.0, passed=False), 400, "rto_s"),
+        (result("drill-bad-0008", rto_s=-1e9, passed=False), 400, "rto_s"),
         (result("drill-bad-0009", stages={f"s{i}": 1.0 for i in range(33)}), 400, "stages"),
         (result("drill-bad-0010", stages={"x" * 65: 1.0}), 400, "stages"),
         (result("drill-bad-0011", late_lbs=[f"lb{i}" for i in range(65)]), 400, "late_lbs"),
+        (result("drill-bad-0018", late_lbs=["lb with spaces"]), 400, "late_lbs"),
         (result("drill-bad-0012", summary="x" * 501), 400, "summary"),
         (result("drill-bad-0013", summary="bad\x1b[31m"), 400, "control"),
         (result("drill-bad-0014", passed="yes"), 400, "passed"),

@@ -23,6 +23,7 @@ from controlplane.errors import Rejected
 from controlplane.metrics import Metrics
 from controlplane.state import (
     DRILL_LATE_LBS_MAX,
+    DRILL_SECONDS_MAX,
     DRILL_STAGE_NAME_MAX,
     DRILL_STAGES_MAX,
     DRILL_SUMMARY_MAX,
@@ -149,6 +150,16 @@ def test_the_history_says_what_happened(record: DrillRecord, summary: str) -> No
     assert change.entry.summary == summary
 
 
+def test_times_measured_through_other_clocks_may_come_out_before_the_start() -> None:
+    # cpctl measures stages with its clock, the cluster's and the load balancers' (their
+    # offsets estimated): a stage, even the RTO, can come out a little negative. It is
+    # recorded as measured, not refused (which would lose the whole drill).
+    record = bad(
+        rto_s=-0.004, stages={"committed": -0.012, "applied_all": -0.004}, late_lbs=("haproxy@lb-1",)
+    )
+    assert transitions.record_drill(ControlState(), record, at=1.0).changed
+
+
 def test_the_same_id_again_returns_the_stored_record_and_changes_nothing() -> None:
     first = transitions.record_drill(ControlState(), drill(), at=10.0)
 
@@ -187,13 +198,14 @@ def bad(**changes: object) -> DrillRecord:
         (bad(ended_at=999_999.0), "ended_at"),
         (bad(started_at=math.nan), "started_at"),
         (bad(objective_s=0.0), "objective_s"),
-        (bad(rto_s=-1.0), "rto_s"),
+        (bad(rto_s=-2 * DRILL_SECONDS_MAX, passed=False), "rto_s"),
         (bad(rto_s=math.inf), "rto_s"),
         (bad(rto_s=None, passed=True), "passed"),
         (bad(rto_s=91.0, passed=True), "passed"),
         (bad(stages={f"s{i}": 1.0 for i in range(DRILL_STAGES_MAX + 1)}), "stages"),
         (bad(stages={"x" * (DRILL_STAGE_NAME_MAX + 1): 1.0}), "stages"),
-        (bad(stages={"served": -0.5}), "stages"),
+        (bad(stages={"served": math.nan}), "stages"),
+        (bad(stages={"served": DRILL_SECONDS_MAX + 1}), "stages"),
         (bad(late_lbs=tuple(f"lb{i}" for i in range(DRILL_LATE_LBS_MAX + 1))), "late_lbs"),
         (bad(late_lbs=("x" * 65,)), "late_lbs"),
         (bad(summary="x" * (DRILL_SUMMARY_MAX + 1)), "summary"),
@@ -264,6 +276,19 @@ def test_the_helper_derives_the_rto_and_the_verdict_from_the_stages() -> None:
         drill_body(**{**HELPER_ARGS, "rto_stage": "nope"})
     with pytest.raises(ValueError, match="ends before"):
         drill_body(**{**HELPER_ARGS, "ended_at": 999.0})
+    with pytest.raises(ValueError, match="load balancer names"):
+        drill_body(**{**HELPER_ARGS, "late_lbs": ["not a name"]})
+    early = drill_body(
+        **{**HELPER_ARGS, "stages": {"committed": -0.0123, "applied": math.inf}, "rto_stage": "applied"}
+    )
+    assert early["stages"] == {"committed": -0.012, "applied": None}
+
+
+def test_the_helper_names_load_balancers_as_they_report_themselves() -> None:
+    from controlplane.client.drills import LB_NAME_PATTERN
+    from controlplane.lbreports import NAME_PATTERN
+
+    assert LB_NAME_PATTERN == NAME_PATTERN
 
 
 HELPER_ARGS: dict[str, object] = {
@@ -285,7 +310,7 @@ HELPER_ARGS: dict[str, object] = {
         min_size=1,
         max_size=32,
     ),
-    late=st.lists(st.from_regex(r"[a-z][a-z0-9-]{0,30}", fullmatch=True), max_size=100),
+    late=st.lists(st.from_regex(r"[a-z][a-z0-9@.-]{0,30}", fullmatch=True), max_size=100),
     summary=st.text(max_size=800),
 )
 def test_whatever_a_drill_measured_the_helpers_body_is_accepted(
