@@ -50,7 +50,9 @@ ObservationKey = tuple[str, str, str]  # (observer, region, service)
 
 @dataclass(frozen=True, slots=True)
 class HistoryEntry(Record):
-    """One line of the audit trail: a committed decision, intent or intent removal.
+    """One line of the audit trail: a committed decision, intent or intent removal, the
+    cluster state's creation, or a drill's recorded result (its `intent_id` is the drill
+    intent's id).
 
     A decision's entry keeps its weights (service -> region -> weight), so that the
     dashboard can draw the weights of the last hour from history alone.
