@@ -163,6 +163,8 @@ class RaftCore:
         self._votes: dict[NodeId, bool] = {}
         self._progress: dict[NodeId, Progress] = {}
         self._transferee: NodeId | None = None
+        # Why this node last stopped leading in its own term, for the shell to log (then clear).
+        self.step_down_reason: str | None = None
         self._term_start = 0  # index of this leader's first entry in its term
         self._reads: deque[_ReadRequest] = deque()
         self._reads_waiting_commit: list[Message] = []
@@ -231,6 +233,7 @@ class RaftCore:
     def step_down(self) -> None:
         """Stop leading (same term), e.g. because this node's disk fails."""
         if self.role is not Role.FOLLOWER:
+            self.step_down_reason = "asked to step down"
             self._become_follower(self.term, None)
 
     def compact(self, index: int, snapshot: Snapshot) -> None:
@@ -628,6 +631,11 @@ class RaftCore:
                 for pr in self._progress.values():
                     pr.recent_active = False
                 if not has_quorum(self.voters, active):
+                    silent = sorted(set(self.voters) - active)
+                    self.step_down_reason = (
+                        f"check-quorum: no answer from {', '.join(silent)} within "
+                        f"{self.config.election_ticks_min} ticks"
+                    )
                     self._become_follower(self.term, None)
                     return
             self._transferee = None  # a transfer that did not finish in time is abandoned

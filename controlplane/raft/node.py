@@ -779,7 +779,11 @@ class RaftNode:
         if rd.leader != self._leader and rd.leader is not None and rd.leader != self.id:
             log.info("raft %s follows %s in term %d", self.id, rd.leader, rd.term)
         if self._role is Role.LEADER and rd.role is not Role.LEADER:
-            log.info("raft %s is no longer the leader (term %d)", self.id, rd.term)
+            why, core.step_down_reason = core.step_down_reason, None
+            if why is not None and rd.term == self._term:
+                log.warning("raft %s is no longer the leader (term %d): %s", self.id, rd.term, why)
+            else:
+                log.info("raft %s is no longer the leader (term %d)", self.id, rd.term)
         self._role, self._leader, self._term = rd.role, rd.leader, rd.term
 
     def _abandon_forwards(self, term: int) -> None:

@@ -77,6 +77,9 @@ def test_check_quorum_leader_steps_down_within_an_election_timeout() -> None:
         steps += 1
         assert steps <= 2 * CONFIG.election_ticks_min
     assert net.cores["n1"].leader is None
+    # The shell logs why (an SRE sees "check-quorum: no answer from n2, n3", not just a new term).
+    reason = net.cores["n1"].step_down_reason
+    assert reason is not None and "check-quorum" in reason and "n2" in reason and "n3" in reason
     with pytest.raises(ProposalRefused):
         net.cores["n1"].propose([b"x"], 0.0)
 
