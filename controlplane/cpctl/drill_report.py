@@ -51,7 +51,13 @@ def markdown(result: Json, chart_name: str | None = None) -> str:
         f"- started {_utc(result['started_at'])} by {result.get('who', '?')}: {result.get('reason', '')}",
         f"- ended {_utc(result.get('ended_at'))} ({result.get('ended_by', 'not ended')}); "
         f"planned duration {result['duration_s']:g} s",
-        f"- intent `{result.get('intent_id')}`, revisions {result.get('stages', {}).get('revisions', {})}",
+        f"- intent `{result.get('intent_id')}`; revisions: "
+        + (
+            ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in result.get("stages", {}).get("revisions", {}).items()
+            )
+            or "none seen"
+        ),
         "",
         "## Stages",
         "",

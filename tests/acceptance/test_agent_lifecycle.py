@@ -235,17 +235,14 @@ def test_bad_config_exits_2_naming_every_problem_and_opens_no_port(
     assert not (tmp_path / "data").exists(), "the agent created its data dir"
 
 
-async def test_demo_runs_to_completion(tmp_path: Path, measure: Callable[[str], None]) -> None:
-    log_dir = tmp_path / "demo"
-    started = time.monotonic()
+async def run_demo(*args: str) -> tuple[int | None, str]:
+    """`controlplane demo ARGS` as a process; its exit code and output (stopped if it hangs)."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "controlplane",
         "demo",
-        "--random-ports",
-        "--log-dir",
-        str(log_dir),
+        *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
@@ -259,9 +256,15 @@ async def test_demo_runs_to_completion(tmp_path: Path, measure: Callable[[str], 
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-    out = out_bytes.decode(errors="replace")
+    return proc.returncode, out_bytes.decode(errors="replace")
+
+
+async def test_demo_runs_to_completion(tmp_path: Path, measure: Callable[[str], None]) -> None:
+    log_dir = tmp_path / "demo"
+    started = time.monotonic()
+    code, out = await run_demo("--random-ports", "--log-dir", str(log_dir))
     measure(f"controlplane demo --random-ports took {time.monotonic() - started:.1f} s")
-    assert proc.returncode == 0, f"demo exited with {proc.returncode}:\n{out}"
+    assert code == 0, f"demo exited with {code}:\n{out}"
     assert "every agent serves revision" in out, out
     assert "Traffic timeline" in out, out
     assert "demo finished: outage detected, traffic moved, region recovered through hold and ramp" in out
@@ -295,3 +298,20 @@ async def test_sigterm_stops_each_agent_with_exit_0_and_no_leftovers(
         shutdown = c.log_of(agent).rpartition("stopping: received SIGTERM")
         assert shutdown[1], f"{agent} did not log the SIGTERM"
         assert "Traceback" not in shutdown[2], f"{agent} logged a traceback while stopping:\n{shutdown[2]}"
+
+
+async def test_demo_drill_runs_a_drill_and_prints_its_report(
+    tmp_path: Path, measure: Callable[[str], None]
+) -> None:
+    log_dir = tmp_path / "demo"
+    started = time.monotonic()
+    code, out = await run_demo("--drill", "--random-ports", "--log-dir", str(log_dir))
+    measure(f"controlplane demo --drill took {time.monotonic() - started:.1f} s")
+    assert code == 0, f"demo --drill exited with {code}:\n{out}"
+    report = (log_dir / "drill-cn-east.md").read_text()
+    assert "# Drill: cn-east" in out and "PASSED" in report, out
+    # The simulated load balancer reported: the RTO is measured to it, and it was on time.
+    assert "(every reporting load balancer)" in report and "| demo-lb | simulated |" in report, report
+    assert "| demo-lb | simulated | in-sync | yes |" in report, report
+    assert (log_dir / "drill-cn-east.svg").read_text().startswith("<svg")
+    assert not processes_mentioning(str(log_dir)), "the demo left agents running"
