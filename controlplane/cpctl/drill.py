@@ -53,7 +53,9 @@ class DrillGroup(CpctlGroup):
 drill = DrillGroup(
     "drill",
     params=global_options(),
-    help="Take a region out on purpose and measure the recovery (`cpctl drill REGION`).",
+    help="Take a region out on purpose and measure the recovery time.\n\n"
+    "`cpctl drill REGION [OPTIONS]` is short for `cpctl drill start REGION [OPTIONS]` "
+    "(see `cpctl drill start --help`).",
 )
 drill.section = "Act"
 cli.add_command(drill)
@@ -71,7 +73,7 @@ def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> f
     return seconds
 
 
-@command(drill, "start", section="Act", hidden=True)
+@command(drill, "start", section="Act")
 @click.argument("region")
 @click.option("-s", "--service", metavar="SERVICE", help="Drill only this service. Default: every service.")
 @click.option(

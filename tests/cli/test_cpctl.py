@@ -50,6 +50,22 @@ COMMANDS: dict[tuple[str, ...], tuple[str, ...]] = {
     ("unfreeze",): ACTION_OPTIONS,
     ("intent",): ("rm",),
     ("intent", "rm"): ("ID", *ACTION_OPTIONS),
+    ("drill",): ("REGION", "start", "stop", "history"),
+    ("drill", "start"): (
+        "REGION",
+        "--service",
+        "--duration",
+        "--objective",
+        "--prometheus",
+        "--traffic-query",
+        "--error-query",
+        "--report",
+        "--reason",
+        "--yes",
+        "--dry-run",
+    ),  # fmt: skip
+    ("drill", "stop"): ("--reason",),
+    ("drill", "history"): ("--limit",),
 }
 TOP_LEVEL = {words[0] for words in COMMANDS}
 REGIONS = ("cn-east", "cn-south", "cn-north")
