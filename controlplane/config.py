@@ -15,6 +15,7 @@ reported together.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import reprlib
@@ -449,6 +450,16 @@ class Settings:
     @property
     def services(self) -> tuple[str, ...]:
         return self.policy.services
+
+    @property
+    def config_hash(self) -> str:
+        """12 hex digits of SHA-256 over the validated configuration (not its formatting).
+
+        Every agent of one cluster loads the same file, so every agent shows the same hash;
+        two hashes in `cpctl status` mean a change is half rolled out. Secrets are
+        references (env, file), never values, so the hash reveals nothing.
+        """
+        return hashlib.sha256(self.model.model_dump_json().encode()).hexdigest()[:12]
 
     def agent(self, agent_id: str) -> AgentConfig:
         for a in self.model.cluster.agents:

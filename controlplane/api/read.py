@@ -177,6 +177,8 @@ def cluster_body(request: web.Request) -> dict[str, Any]:
         "clock_skew_s": None if status.clock_skew_s is None else round(status.clock_skew_s, 3),
         "epoch": state.epoch,
         "revision": state.decision.revision if state.decision else None,
+        # The same on every agent unless a configuration change is half rolled out.
+        "config_hash": node.settings.config_hash,
         "members": [
             {
                 "id": m.id,

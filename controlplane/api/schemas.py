@@ -333,6 +333,10 @@ class ClusterOut(BaseModel):
     clock_skew_s: float | None = Field(None, description="leader's wall clock minus this agent's")
     epoch: str = ""
     revision: int | None
+    config_hash: str = Field(
+        "",
+        description="hash of the validated configuration; agents differ while a change rolls out",
+    )
     members: list[MemberOut]
 
 

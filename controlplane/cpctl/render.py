@@ -164,7 +164,7 @@ def members_table(cluster: Json, views: Mapping[str, Json | str] | None = None) 
     table = Table(header_style="bold", title_justify="left")
     columns = ["member", "http", "connected", "role"]
     if views is not None:
-        columns += ["revision", "fresh", "clock skew"]
+        columns += ["revision", "fresh", "clock skew", "config"]
     for column in columns:
         table.add_column(column)
     for m in cluster.get("members", []):
@@ -177,15 +177,29 @@ def members_table(cluster: Json, views: Mapping[str, Json | str] | None = None) 
             Text("leader", style="bold") if m.get("leader") else Text("follower", style="dim"),
         ]
         if views is not None:
-            row += self_view(views.get(str(m.get("id")), "not asked"))
+            row += self_view(views.get(str(m.get("id")), "not asked"), config_hashes(views))
         table.add_row(*row)
     return table
 
 
-def self_view(view: Json | str) -> list[RenderableType]:
-    """An agent's own account: revision, fresh or stale (with why), clock skew against the leader."""
+def config_hashes(views: Mapping[str, Json | str]) -> set[str]:
+    """The configuration hashes the agents that answered report (one, unless a rollout is half done)."""
+    return {str(v["config_hash"]) for v in views.values() if not isinstance(v, str) and v.get("config_hash")}
+
+
+def self_view(view: Json | str, hashes: set[str] | None = None) -> list[RenderableType]:
+    """An agent's own account: revision, fresh or stale (with why), clock skew against the
+    leader, and its configuration's hash (marked when the agents do not all agree)."""
     if isinstance(view, str):
-        return [Text("?", style="dim"), Text(view, style="bold red"), Text("-", style="dim")]
+        return [
+            Text("?", style="dim"),
+            Text(view, style="bold red"),
+            Text("-", style="dim"),
+            Text("-", style="dim"),
+        ]
+    config = str(view.get("config_hash") or "-")
+    differs = hashes is not None and len(hashes) > 1
+    config_text = Text(config + (" (differs)" if differs else ""), style="bold yellow" if differs else "dim")
     fresh = view.get("has_quorum")
     why = "; ".join(str(p) for p in view.get("problems") or []) or "stale"
     skew = view.get("clock_skew_s")
@@ -196,6 +210,7 @@ def self_view(view: Json | str) -> list[RenderableType]:
         str(view.get("revision")),
         Text("yes", style="green") if fresh else Text(f"NO: {why}", style="bold red"),
         skew_text,
+        config_text,
     ]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import yaml
 
 from controlplane.testing.localcluster import LocalCluster
 from tests.acceptance.conftest import StartCluster, fast_config
+from tests.acceptance.test_lb_cpctl import CPCTL
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]
 
@@ -78,3 +80,47 @@ async def test_sighup_applies_live_changes_and_refuses_the_rest(
     await hup_and_wait_for(c, "reload refused, nothing changed", count=2)
     assert "api changed, which needs a restart" in c.log_of(next(iter(c.agents)))
     assert await status(c, GRAFANA) == 200
+
+
+async def test_a_half_rolled_change_shows_in_the_config_hash_of_each_agent(cluster: StartCluster) -> None:
+    c = await cluster(fast_config())
+
+    async def hashes() -> dict[str, str]:
+        out = {}
+        for agent_id in c.agents:
+            status_code, _, body = await c.get(agent_id, "/v1/cluster")
+            assert status_code == 200
+            out[agent_id] = body["config_hash"]
+        return out
+
+    before = await hashes()
+    assert len(set(before.values())) == 1 and len(next(iter(before.values()))) == 12, before
+    changed = dict(c.config)
+    changed["policy"] = {**changed["policy"], "recovery_hold_s": 7.0}
+    write(c, changed)
+    await hup_and_wait_for(c, "reloaded ")  # the first agent only
+    half = await hashes()
+    first = next(iter(c.agents))
+    assert half[first] != before[first] and all(half[a] == before[a] for a in c.agents if a != first), half
+    env = {"CPCTL_ENDPOINT": ",".join(a.url for a in c.agents.values()), "COLUMNS": "240", "NO_COLOR": "1"}
+    shown = await asyncio.to_thread(
+        subprocess.run,
+        [str(CPCTL), "status"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert f"{half[first]} (differs)" in shown.stdout and f"{before[first]} (differs)" in shown.stdout, (
+        shown.stdout
+    )
+    for agent in list(c.agents.values())[1:]:
+        assert agent.proc is not None
+        agent.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while len(set((await hashes()).values())) != 1:
+        assert time.monotonic() < deadline, await hashes()
+        await asyncio.sleep(0.2)
+    assert set((await hashes()).values()) == {half[first]}

@@ -63,7 +63,7 @@ COMMANDS: dict[tuple[str, ...], tuple[str, ...]] = {
         "--reason",
         "--yes",
         "--dry-run",
-    ),  # fmt: skip
+    ),
     ("drill", "stop"): ("--reason",),
     ("drill", "history"): ("--limit",),
 }
