@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -128,7 +129,7 @@ async def watch_parent(sup: Supervisor, parent_pid: int, period_s: float = 0.5) 
 LIVE_SECTIONS = ("policy", "features", "auth", "log_level")
 
 
-def reload_settings(node: Node, config_path: Path) -> str:
+def reload_settings(node: Node, config_path: Path, hooks: Sequence[Callable[[Settings], None]] = ()) -> str:
     """Apply `config_path` to a running agent if only live sections changed; says what it did.
 
     A file with any problem, or with a change to a section outside `LIVE_SECTIONS`
@@ -159,12 +160,16 @@ def reload_settings(node: Node, config_path: Path) -> str:
     changed = [name for name in LIVE_SECTIONS if getattr(new.model, name) != getattr(old.model, name)]
     node.settings = new
     node.tokens = tokens
+    for hook in hooks:  # the parts that keep their own copy (the prober's thread)
+        hook(new)
     logging.getLogger().setLevel(getattr(logging, new.model.log_level.upper(), logging.INFO))
     log.warning("reloaded %s: %s", config_path, ", ".join(changed) or "no change")
     return f"reloaded: {', '.join(changed) or 'no change'}"
 
 
-async def reload_on_sighup(node: Node, config_path: Path) -> None:
+async def reload_on_sighup(
+    node: Node, config_path: Path, hooks: Sequence[Callable[[Settings], None]] = ()
+) -> None:
     """Reload the configuration on every SIGHUP (instead of dying, the default)."""
     wanted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -173,7 +178,7 @@ async def reload_on_sighup(node: Node, config_path: Path) -> None:
         while True:
             await wanted.wait()
             wanted.clear()
-            reload_settings(node, config_path)
+            reload_settings(node, config_path, hooks)
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
 
@@ -207,13 +212,14 @@ async def run_agent(
     metrics.tasks.add_loop("main", asyncio.get_running_loop())
     if parent_pid is not None:
         sup.start("parent watch", watch_parent(sup, parent_pid))
+    reload_hooks: list[Callable[[Settings], None]] = []
     if config_path is not None:
-        sup.start("reload on SIGHUP", reload_on_sighup(node, config_path))
+        sup.start("reload on SIGHUP", reload_on_sighup(node, config_path, reload_hooks))
 
     try:
         if tracer is not None:
             _start_tracer(tracer, sup)
-        await _start(settings, node, sup, me.http, limits)
+        await _start(settings, node, sup, me.http, limits, reload_hooks)
     except BaseException:
         await sup.shutdown()
         raise
@@ -249,7 +255,12 @@ def _start_tracer(tracer: AllocationTracer, sup: Supervisor) -> None:
 
 
 async def _start(
-    settings: Settings, node: Node, sup: Supervisor, http: str, limits: ConnectionLimits
+    settings: Settings,
+    node: Node,
+    sup: Supervisor,
+    http: str,
+    limits: ConnectionLimits,
+    reload_hooks: list[Callable[[Settings], None]],
 ) -> None:
     store, metrics, agent_id = node.store, node.metrics, node.agent_id
     store.on_task_failure = sup.fail
@@ -294,6 +305,7 @@ async def _start(
     )
     await prober.start()
     sup.on_stop("prober", prober.stop)
+    reload_hooks.append(lambda new: prober.set_slow_ms(new.policy.slow_ms))
     if prober.loop is not None:
         metrics.tasks.add_loop("prober", prober.loop)
     sup.start("decide", decide_loop(node, tick_s=0.5))

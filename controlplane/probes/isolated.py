@@ -100,6 +100,14 @@ class ProberThread:
         prober = self.prober
         return None if prober is None else prober.impaired()
 
+    def set_slow_ms(self, slow_ms: float | None) -> None:
+        """Take a reloaded policy's "slow" threshold (from any thread)."""
+        self._slow_ms = slow_ms
+        loop, prober = self.loop, self.prober
+        if loop is not None and prober is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(prober.set_slow_ms, slow_ms)
+
     async def stop(self) -> None:
         thread, loop, stop = self._thread, self._loop, self._stop
         if thread is None:

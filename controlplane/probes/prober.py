@@ -253,6 +253,15 @@ class Prober:
                 out.append(observation)
         return out
 
+    def set_slow_ms(self, slow_ms: float | None) -> None:
+        """A new "slow" threshold (a reloaded policy); every pair is judged again and what
+        changes is delivered. Call it on the prober's loop."""
+        if slow_ms == self._slow_ms:
+            return
+        self._slow_ms = slow_ms
+        self._dirty.update(self._groups)
+        self._wakeup.set()
+
     def target_up(self, target: ProbeTarget) -> bool | None:
         """One target's rise/fall state: True, False, or None while unknown."""
         return self._health[target].up

@@ -664,6 +664,30 @@ async def test_delivery_retries_back_off_and_log_one_warning_per_outage(
     assert any("delivered after 6 attempts" in r.getMessage() for r in caplog.records)
 
 
+async def test_a_new_slow_threshold_is_judged_and_delivered_without_a_new_probe(service: FakeService) -> None:
+    # A reloaded policy.slow_ms must reach the prober: whether a pair is slow is part of
+    # what makes it deliver (the leader judges slowness from latency_ms either way).
+    service.delay_s = 0.05
+    target = http_target(service.url, rise=1, interval_s=10.0)
+    recorder = Recorder()
+    prober = Prober("a", [target], on_change=recorder, slow_ms=None)
+    await prober.start()
+    try:
+        await prober.probe_once(target)
+        first = await recorder.next()
+        assert first[0].up and first[0].latency_ms is not None and first[0].latency_ms >= 50
+        hits = service.hits
+        prober.set_slow_ms(10.0)  # now 50 ms is slow
+        again = await recorder.next()
+        assert again[0].latency_ms == first[0].latency_ms  # the same probe, judged again
+        assert service.hits == hits
+        prober.set_slow_ms(10.0)  # no change: nothing delivered
+        with pytest.raises(TimeoutError):
+            await recorder.next(timeout_s=0.3)
+    finally:
+        await prober.stop()
+
+
 def prober_tasks(before: set[asyncio.Task[object]]) -> set[asyncio.Task[object]]:
     return {t for t in asyncio.all_tasks() - before if t.get_name().startswith("probe")}
 
