@@ -271,7 +271,8 @@ def _lb_options(f: Any) -> Any:
             multiple=True,
             required=True,
             envvar="CONTROLPLANE_AGENTS",
-            help="Agent base URL, e.g. http://10.0.0.1:8700; repeat for failover.",
+            callback=_agent_urls,
+            help="Agent base URL, e.g. http://10.0.0.1:8700; repeat, or separate by commas or spaces.",
         ),
         click.option(
             "--service", "services", multiple=True, help="Only these services (default: all mapped)."
@@ -305,6 +306,24 @@ def _lb_options(f: Any) -> Any:
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _agent_urls(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    """Every agent URL, from repeated options and commas or spaces alike (as cpctl takes
+    them), each checked at start: a typo is a usage error, not a retry loop."""
+    from controlplane.addresses import url_problem
+
+    urls: list[str] = []
+    for item in value:
+        for url in item.replace(",", " ").split():
+            problem = url_problem(url, ("http", "https"))
+            if problem is not None:
+                raise click.BadParameter(f"{url!r}: {problem}", ctx, param)
+            if url.rstrip("/") not in urls:
+                urls.append(url.rstrip("/"))
+    if not urls:
+        raise click.BadParameter("no agent URL given", ctx, param)
+    return tuple(urls)
 
 
 def _check_lb_name(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
