@@ -382,16 +382,20 @@ async def drill_scenario(
 
 async def serve_forever(out: Out, cluster: LocalCluster, token: str) -> int:
     first = next(iter(cluster.agents.values()))
+    endpoints = ",".join(f"http://{a.http}" for a in cluster.agents.values())
+    cpctl = Path(sys.executable).with_name("cpctl")
     out()
     out(f"dashboard: http://{first.http}/ui/  (paste the admin token there to act; every agent serves it)")
-    out("the deployment keeps running; try:")
+    out(f"the deployment keeps running; cpctl is {cpctl} (or: source {cpctl.parent}/activate); try:")
     print(
         f"""
-    export CPCTL_ENDPOINT=http://{first.http}
+    export PATH={cpctl.parent}:$PATH
+    export CPCTL_ENDPOINT={endpoints}
     export CPCTL_TOKEN={token}
     curl -s http://{first.http}/v1/decision | python3 -m json.tool
     curl -s http://{first.http}/v1/cluster
     cpctl status
+    cpctl drill cn-east --duration 1m --objective 10s --reason "try a drill" --yes
     cpctl drain cn-east --reason "try a drain" --yes
     cpctl undrain cn-east --reason "done" --yes
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -62,6 +63,12 @@ def test_agents_exit_when_the_demo_that_started_them_is_killed(tmp_path: Path) -
             if b"agent" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         ]
         assert len(agents) == 3, (agents, (tmp_path / "demo.log").read_text()[-2000:])
+        # The first hour: what it prints can be pasted as is (every agent, where cpctl is).
+        printed = (tmp_path / "demo.log").read_text()
+        endpoints = re.search(r"export CPCTL_ENDPOINT=(\S+)", printed)
+        assert endpoints is not None and len(endpoints.group(1).split(",")) == 3, printed
+        cpctl = re.search(r"export PATH=(\S+):\$PATH", printed)
+        assert cpctl is not None and (Path(cpctl.group(1)) / "cpctl").exists(), printed
         demo.send_signal(signal.SIGKILL)
         demo.wait(10)
         deadline = time.monotonic() + 30
