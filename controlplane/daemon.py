@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from aiohttp import web
@@ -126,14 +126,24 @@ async def watch_parent(sup: Supervisor, parent_pid: int, period_s: float = 0.5) 
 
 
 # What SIGHUP may change in a running agent; every other section needs a restart.
-LIVE_SECTIONS = ("policy", "features", "auth", "log_level")
+LIVE_SECTIONS = ("policy", "features", "auth", "log_level", "probes", "regions")
+
+Hook = Callable[[Settings], Awaitable[None]]
 
 
-def reload_settings(node: Node, config_path: Path, hooks: Sequence[Callable[[Settings], None]] = ()) -> str:
+def _shape(settings: Settings) -> dict[str, list[str]]:
+    """Regions and the services each runs: what a live reload may not change."""
+    return {r: sorted(rc.services) for r, rc in settings.regions.items()}
+
+
+async def reload_settings(node: Node, config_path: Path, hooks: Sequence[Hook] = ()) -> str:
     """Apply `config_path` to a running agent if only live sections changed; says what it did.
 
-    A file with any problem, or with a change to a section outside `LIVE_SECTIONS`
-    (agents, addresses, backend, probes, regions, API limits), changes nothing.
+    A file with any problem, with a change to a section outside `LIVE_SECTIONS` (agents,
+    addresses, backend, API limits), or that adds or removes a region or a region's
+    service, changes nothing. Probe targets and timings, capacities, weights and the
+    policy change live: `hooks` hand the new settings to the parts that keep their own
+    copy (the prober's thread is replaced when its targets change).
     """
     old = node.settings
     try:
@@ -150,6 +160,8 @@ def reload_settings(node: Node, config_path: Path, hooks: Sequence[Callable[[Set
         for name in type(new.model).model_fields
         if name not in LIVE_SECTIONS and getattr(new.model, name) != getattr(old.model, name)
     ]
+    if _shape(new) != _shape(old):
+        fixed.append("regions (a region or a service added or removed)")
     if fixed:
         log.error(
             "reload refused, nothing changed: %s changed, which needs a restart (live: %s)",
@@ -160,16 +172,16 @@ def reload_settings(node: Node, config_path: Path, hooks: Sequence[Callable[[Set
     changed = [name for name in LIVE_SECTIONS if getattr(new.model, name) != getattr(old.model, name)]
     node.settings = new
     node.tokens = tokens
-    for hook in hooks:  # the parts that keep their own copy (the prober's thread)
-        hook(new)
     logging.getLogger().setLevel(getattr(logging, new.model.log_level.upper(), logging.INFO))
-    log.warning("reloaded %s: %s", config_path, ", ".join(changed) or "no change")
+    for hook in hooks:
+        await hook(new)
+    log.warning(
+        "reloaded %s: %s (config %s)", config_path, ", ".join(changed) or "no change", new.config_hash
+    )
     return f"reloaded: {', '.join(changed) or 'no change'}"
 
 
-async def reload_on_sighup(
-    node: Node, config_path: Path, hooks: Sequence[Callable[[Settings], None]] = ()
-) -> None:
+async def reload_on_sighup(node: Node, config_path: Path, hooks: Sequence[Hook] = ()) -> None:
     """Reload the configuration on every SIGHUP (instead of dying, the default)."""
     wanted = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -178,7 +190,7 @@ async def reload_on_sighup(
         while True:
             await wanted.wait()
             wanted.clear()
-            reload_settings(node, config_path, hooks)
+            await reload_settings(node, config_path, hooks)
     finally:
         loop.remove_signal_handler(signal.SIGHUP)
 
@@ -212,7 +224,7 @@ async def run_agent(
     metrics.tasks.add_loop("main", asyncio.get_running_loop())
     if parent_pid is not None:
         sup.start("parent watch", watch_parent(sup, parent_pid))
-    reload_hooks: list[Callable[[Settings], None]] = []
+    reload_hooks: list[Hook] = []
     if config_path is not None:
         sup.start("reload on SIGHUP", reload_on_sighup(node, config_path, reload_hooks))
 
@@ -260,14 +272,13 @@ async def _start(
     sup: Supervisor,
     http: str,
     limits: ConnectionLimits,
-    reload_hooks: list[Callable[[Settings], None]],
+    reload_hooks: list[Hook],
 ) -> None:
     store, metrics, agent_id = node.store, node.metrics, node.agent_id
     store.on_task_failure = sup.fail
     await store.start()  # creates the data dir
     sup.on_stop("store", store.close)
     probes = settings.model.probes
-    targets = probe_targets(settings)
 
     # Detection stage of a failover: from the first failed probe of a (region, service)
     # to the observation that says it is down. One entry per pair at most; written on the
@@ -292,22 +303,46 @@ async def _start(
 
     # The prober and its refresh run on a thread and event loop of their own: however
     # busy the API keeps this loop, probes keep their timing (issue 15).
-    prober = ProberThread(
-        agent_id,
-        targets,
-        deliver=deliver,
-        refresh_s=max(0.5, settings.policy.observation_ttl_s / 3),
-        on_result=on_result,
-        slow_ms=settings.policy.slow_ms,
-        max_concurrency=probes.max_concurrency,
-        session_timeout_s=max(t.timeout_s for t in targets) + 1,
-        on_task_failure=sup.fail,
-    )
-    await prober.start()
-    sup.on_stop("prober", prober.stop)
-    reload_hooks.append(lambda new: prober.set_slow_ms(new.policy.slow_ms))
-    if prober.loop is not None:
-        metrics.tasks.add_loop("prober", prober.loop)
+    def new_prober(s: Settings) -> ProberThread:
+        targets = probe_targets(s)
+        return ProberThread(
+            agent_id,
+            targets,
+            deliver=deliver,
+            refresh_s=max(0.5, s.policy.observation_ttl_s / 3),
+            on_result=on_result,
+            slow_ms=s.policy.slow_ms,
+            max_concurrency=s.model.probes.max_concurrency,
+            session_timeout_s=max(t.timeout_s for t in targets) + 1,
+            on_task_failure=sup.fail,
+        )
+
+    running = [new_prober(settings)]
+    await running[0].start()
+
+    async def stop_prober() -> None:
+        await running[0].stop()
+
+    async def reload_probes(new: Settings) -> None:
+        """New targets or timings: a new prober, then the old one stopped (its last
+        observations stay fresh meanwhile); otherwise only the slow threshold."""
+        old = running[0]
+        if probe_targets(new) == list(old.targets) and new.model.probes == node_probes[0]:
+            old.set_slow_ms(new.policy.slow_ms)
+            return
+        fresh = new_prober(new)
+        await fresh.start()
+        running[0], node_probes[0] = fresh, new.model.probes
+        if fresh.loop is not None:
+            metrics.tasks.add_loop("prober", fresh.loop)
+        await old.stop()
+        log.warning("probes reloaded: %d targets (were %d)", len(fresh.targets), len(old.targets))
+
+    node_probes = [probes]
+    sup.on_stop("prober", stop_prober)
+    reload_hooks.append(reload_probes)
+    if running[0].loop is not None:
+        metrics.tasks.add_loop("prober", running[0].loop)
     sup.start("decide", decide_loop(node, tick_s=0.5))
     sup.start("watch", watch_loop(node, tick_s=1.0))
     sup.start("revision feed", node.feed.run())

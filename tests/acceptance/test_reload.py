@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -124,3 +125,36 @@ async def test_a_half_rolled_change_shows_in_the_config_hash_of_each_agent(clust
         assert time.monotonic() < deadline, await hashes()
         await asyncio.sleep(0.2)
     assert set((await hashes()).values()) == {half[first]}
+
+
+async def test_sighup_replaces_the_probes_live_and_refuses_a_new_region(cluster: StartCluster) -> None:
+    config = fast_config()
+    config["cluster"]["agents"] = config["cluster"]["agents"][:1]
+    c = await cluster(config)
+    agent_id = next(iter(c.agents))
+
+    async def south_order() -> dict[str, Any]:
+        _, _, body = await c.get(agent_id, "/v1/observations")
+        (seen,) = [o for o in body["observations"] if o["region"] == "cn-south" and o["service"] == "order"]
+        return dict(seen)
+
+    assert (await south_order())["up"]
+    moved = yaml.safe_load(yaml.safe_dump(c.config))
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    moved["regions"]["cn-south"]["services"]["order"]["targets"] = [f"http://127.0.0.1:{dead}/healthz"]
+    write(c, moved)
+    await hup_and_wait_for(c, "probes reloaded")
+    deadline = time.monotonic() + 30
+    while (await south_order())["up"]:
+        assert time.monotonic() < deadline, await south_order()
+        await asyncio.sleep(0.2)
+    assert "refused" in str((await south_order())["error"])
+
+    grown = yaml.safe_load(yaml.safe_dump(moved))
+    grown["regions"]["cn-west"] = grown["regions"]["cn-south"]
+    write(c, grown)
+    await hup_and_wait_for(c, "reload refused, nothing changed")
+    assert "a region or a service added or removed" in c.log_of(agent_id)
+    assert c.agents[agent_id].alive
