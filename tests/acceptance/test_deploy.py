@@ -1,9 +1,10 @@
 """What ships in deploy/ is valid for the tools that will read it, and agrees with the code.
 
 - Prometheus: `promtool check rules` and `promtool test rules` (each alert fires on the
-  series that should trigger it); every metric a rule or a dashboard panel queries is
-  exported by an agent (the metrics registry, and a live agent's /metrics); every
-  dashboard query is valid PromQL.
+  series that should trigger it, and stays quiet on some that should not); every alert
+  links to its section of deploy/runbook.md, which names the metrics it reads; every
+  metric a rule or a dashboard panel queries is exported by an agent (the metrics
+  registry, and a live agent's /metrics); every dashboard query is valid PromQL.
 - Kubernetes: the kustomization, rendered here (no kustomize binary), passes
   `kubernetes-validate --strict`, which rejects a broken copy; the Secret comes from
   git-ignored files, never placeholders; the embedded config passes `parse_settings`;
@@ -146,6 +147,68 @@ def test_promtool_checks_and_tests_the_alert_rules() -> None:
         "ControlplaneNoPassingDrill",
     ):
         assert wanted in names
+
+
+RUNBOOK = DEPLOY / "runbook.md"
+RUNBOOK_URL = "https://github.com/example/controlplane/blob/main/deploy/runbook.md"
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation gone, - for spaces."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def runbook_sections() -> dict[str, str]:
+    """Anchor -> the section's text (up to the next heading of the same or a higher level)."""
+    sections: dict[str, str] = {}
+    anchor = None
+    for line in RUNBOOK.read_text().splitlines():
+        heading = re.match(r"#{1,2} (.+)", line)
+        if heading:
+            anchor = github_anchor(heading.group(1))
+            sections[anchor] = ""
+        elif anchor is not None:
+            sections[anchor] += line + "\n"
+    return sections
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"] if "alert" in r]
+
+
+def test_every_alert_links_to_its_runbook_section_and_the_section_names_its_metrics() -> None:
+    sections = runbook_sections()
+    rules = alert_rules()
+    for rule in rules:
+        name = rule["alert"]
+        url = rule["annotations"].get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        assert base == RUNBOOK_URL, f"{name}: runbook_url {url!r} is not under {RUNBOOK_URL}"
+        assert anchor == github_anchor(name), f"{name}: runbook_url points to #{anchor}"
+        assert anchor in sections, f"{name}: deploy/runbook.md has no heading for #{anchor}"
+        text = sections[anchor]
+        for part in ("**Means**", "**Check**", "**Do**"):
+            assert part in text, f"runbook section {name} lacks {part}"
+        assert "cpctl " in text or "curl " in text, f"runbook section {name} gives no command to run"
+        for metric in METRIC.findall(rule["expr"]):
+            assert metric.removesuffix("_bucket") in text, f"runbook section {name} does not name {metric}"
+    # No section for an alert that is gone.
+    alert_anchors = {github_anchor(r["alert"]) for r in rules}
+    stale = {a for a in sections if re.fullmatch(r"controlplane\w+", a)} - alert_anchors
+    assert not stale, f"runbook sections for alerts that do not exist: {stale}"
+
+
+def test_every_alert_has_a_promtool_case_that_fires_it_and_one_that_does_not() -> None:
+    fires: set[str] = set()
+    quiet: set[str] = set()
+    for path in (ALERT_TESTS, DRILL_ALERT_TESTS):
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for check in case.get("alert_rule_test", []):
+                (fires if check.get("exp_alerts") else quiet).add(check["alertname"])
+    names = {r["alert"] for r in alert_rules()}
+    assert names - fires == set(), "alerts that no promtool case makes fire"
+    assert names - quiet == set(), "alerts that no promtool case shows quiet"
+    assert (fires | quiet) - names == set(), "promtool cases for alerts that do not exist"
 
 
 def test_every_dashboard_query_is_promql_and_every_metric_is_exported(tmp_path: Path) -> None:
