@@ -42,7 +42,8 @@ from bench.common import (
     require_binary,
     wait_port,
 )
-from controlplane.testing.localcluster import LocalCluster, free_port
+from controlplane.testing.localcluster import LocalCluster
+from controlplane.testing.ports import free_port
 
 TARGET_RPS = 10_000
 UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0}

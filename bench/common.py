@@ -35,7 +35,8 @@ from typing import Any
 
 import orjson
 
-from controlplane.testing.localcluster import free_port, load_demo_config, remap_ports
+from controlplane.testing.localcluster import load_demo_config, remap_ports
+from controlplane.testing.ports import free_port
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

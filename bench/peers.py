@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.common import Processes, require_binary, wait_port
 from controlplane.testing.backend import SimBackend
-from controlplane.testing.localcluster import free_port
+from controlplane.testing.ports import free_port
 
 HOST = "127.0.0.1"
 MASTER_NAME = "mymaster"

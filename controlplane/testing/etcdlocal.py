@@ -30,7 +30,6 @@ import contextlib
 import pathlib
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import tempfile
@@ -43,6 +42,7 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from controlplane.errors import ControlplaneError
+from controlplane.testing.ports import free_port
 
 DEBIAN_PACKAGE = "etcd-server"
 
@@ -108,13 +108,6 @@ class EtcdUnavailable(ControlplaneError):
     def __str__(self) -> str:
         # Shown whole in tracebacks and test summaries: the detail is the useful part.
         return f"{self.message}\n{self.detail}" if self.detail else self.message
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def find_binary(name: str = "etcd") -> str:

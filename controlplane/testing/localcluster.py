@@ -21,11 +21,10 @@ import asyncio
 import contextlib
 import json
 import os
-import random
+import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,34 +39,10 @@ import yaml
 
 from controlplane.testing.backend import SimBackend
 from controlplane.testing.faultproxy import FaultProxy, ProxyMesh
+from controlplane.testing.ports import free_port, release
 from controlplane.testing.reading import HTTP_TIMEOUT, AgentsReader
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data
-
-
-_rng = random.SystemRandom()
-
-
-def free_port(host: str = "127.0.0.1", exclude: Iterable[int] = ()) -> int:
-    """A port that is free now, below the kernel's ephemeral range (32768 and up).
-
-    Ports the kernel hands out for outgoing connections (agents dialling each other,
-    probes) come from the ephemeral range; picking listening ports outside it means a
-    port chosen here cannot be taken by one of those before its server binds it.
-    Ports in `exclude` (chosen already, not yet bound) are never returned.
-    """
-    excluded = set(exclude)
-    for _ in range(200):
-        port = _rng.randrange(20000, 32000)
-        if port in excluded:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise OSError("no free port found between 20000 and 32000")
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -301,6 +276,8 @@ class LocalCluster(AgentsReader):
             self._session = None
         if self._own_workdir and self.workdir is not None and not os.environ.get("CONTROLPLANE_KEEP_WORKDIR"):
             shutil.rmtree(self.workdir, ignore_errors=True)
+        # The ports `remap_ports` reserved for this cluster (others are not held: ignored).
+        release(int(p) for p in re.findall(r":(\d{2,5})\b", json.dumps(self.config)))
 
     async def start_backends(self) -> None:
         for region, rc in self.config["regions"].items():

@@ -38,7 +38,7 @@ import aiohttp
 import yaml
 
 from controlplane.errors import ControlplaneError
-from controlplane.testing.localcluster import free_port
+from controlplane.testing.ports import free_port
 
 DEBIAN_PACKAGE = "prometheus"
 _STOP_GRACE_S = 5.0

@@ -33,7 +33,8 @@ import aiohttp
 import pytest
 
 from controlplane.lb.haproxy import RuntimeApi, ServerState
-from controlplane.testing.localcluster import LocalCluster, free_port, load_demo_config, remap_ports
+from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
+from controlplane.testing.ports import free_port
 
 SERVICE = "order"
 FAILED = "cn-east"

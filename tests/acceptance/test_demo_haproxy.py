@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.testing.localcluster import free_port
+from controlplane.testing.ports import free_port
 from controlplane.testing.processes import session_members
 from tests.acceptance.lb_fixtures import require_binary
 

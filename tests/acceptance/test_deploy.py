@@ -47,7 +47,7 @@ from controlplane.formats import nginx_upstream
 from controlplane.lb.mapfile import load_haproxy_map, load_nginx_map
 from controlplane.lb.nginx import render_template
 from controlplane.metrics import Metrics
-from controlplane.testing.localcluster import free_port
+from controlplane.testing.ports import free_port
 from tests.acceptance.lb_fixtures import StartCluster, lb_config, require_binary
 
 pytestmark = [pytest.mark.acceptance, pytest.mark.timeout(240)]

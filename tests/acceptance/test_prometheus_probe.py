@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 import yaml
 
-from controlplane.testing.localcluster import LocalCluster, free_port, service_address
+from controlplane.testing.localcluster import LocalCluster, service_address
+from controlplane.testing.ports import free_port
 from controlplane.testing.prometheuslocal import LocalPrometheus, ScrapeTarget
 from tests.acceptance.conftest import (
     BASE_WEIGHTS,

@@ -27,7 +27,7 @@ from controlplane.client import FlagsClient
 from controlplane.client.middleware import Classifier, SheddingMiddleware, shedding_middleware
 from controlplane.client.shedding import Shedder
 from controlplane.testing.inprocess import InProcessCluster
-from controlplane.testing.localcluster import free_port
+from controlplane.testing.ports import free_port
 from tests.api.conftest import api_config, api_settings
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module")]

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from controlplane.testing.localcluster import free_port
+from controlplane.testing.ports import free_port
 from tests.cli.conftest import CPCTL, Live, outcome, weights
 
 GLOBAL_OPTIONS = ("--endpoint", "--token-file", "--as", "--output", "--timeout", "--debug")

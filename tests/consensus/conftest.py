@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import itertools
 import pathlib
-import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
@@ -32,17 +31,12 @@ import pytest
 from controlplane.consensus import ControlStore, EtcdStore, MemoryGroup, MemoryStore, RaftStore, RaftTimings
 from controlplane.state import ControlState, StoreStatus
 from controlplane.testing.etcdlocal import LocalEtcd
+from controlplane.testing.ports import free_port
 
 SECRET = "test-cluster-secret-of-16-bytes-at-least"
 LEADER_TIMEOUT_S = 10.0
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def eventually(probe: Callable[[], T | None], timeout_s: float = 5.0, what: str = "condition") -> T:

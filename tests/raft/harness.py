@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +24,7 @@ from typing import Any, TypeVar
 
 from controlplane.raft.node import RaftNode
 from controlplane.raft.settings import RaftLimits, RaftTimings
+from controlplane.testing.ports import free_port
 
 SECRET = b"test-cluster-secret-0123456789abcdef"
 REPO = Path(__file__).resolve().parents[2]
@@ -40,12 +40,6 @@ FAST = RaftTimings(
 )
 
 T = TypeVar("T")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(what: str, pred: Callable[[], T], timeout_s: float = 10.0, every_s: float = 0.01) -> T:

@@ -39,7 +39,8 @@ from controlplane.testing.chaos.schedule import (
     partition_groups,
 )
 from controlplane.testing.etcdlocal import LocalEtcd
-from controlplane.testing.localcluster import LocalCluster, free_port, load_demo_config, remap_ports
+from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
+from controlplane.testing.ports import free_port
 
 FAKETIME_LIB = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
 
