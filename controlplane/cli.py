@@ -185,7 +185,7 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
     try:
         s = load_settings(config_path)
         # The agent's own checks, shared: what passes here starts (secrets aside).
-        resolved, _ = preflight(s, secrets=not no_secrets)
+        resolved, _, _ = preflight(s, secrets=not no_secrets)
         tokens = None if no_secrets else resolved
     except ConfigError as e:
         fail_config(e, config_path)
@@ -205,6 +205,8 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
                 fail_config(ConfigError(problems), config_path)
                 return
             click.echo(f"{config_path}: {len(found)} PromQL queries parsed by {binary}")
+    tls = s.model.api.tls
+    api = "http" if tls is None else "https" + (" with client certificates" if tls.client_ca_file else "")
     if tokens is None:
         secrets = "not checked"
     else:
@@ -213,7 +215,7 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
         secrets = f"resolved and strong (tokens: {named}; reads {reads})"
     click.echo(
         f"{config_path}: ok: {len(s.cluster.agents)} agents, {len(s.policy.regions)} regions, "
-        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, secrets {secrets}"
+        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, api {api}, secrets {secrets}"
     )
 
 
