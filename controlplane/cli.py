@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -215,7 +216,8 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
         secrets = f"resolved and strong (tokens: {named}; reads {reads})"
     click.echo(
         f"{config_path}: ok: {len(s.cluster.agents)} agents, {len(s.policy.regions)} regions, "
-        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, api {api}, secrets {secrets}"
+        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, api {api}, "
+        f"secrets {secrets}"
     )
 
 
@@ -273,7 +275,8 @@ def _lb_options(f: Any) -> Any:
             multiple=True,
             required=True,
             envvar="CONTROLPLANE_AGENTS",
-            help="Agent base URL, e.g. http://10.0.0.1:8700; repeat for failover.",
+            help="Agent base URL, e.g. http://10.0.0.1:8700 (https:// when the agents serve TLS); "
+            "repeat for failover.",
         ),
         click.option(
             "--service", "services", multiple=True, help="Only these services (default: all mapped)."
@@ -296,6 +299,24 @@ def _lb_options(f: Any) -> Any:
             help="Name this load balancer reports as (1-64 of A-Za-z0-9._@-). Default: ADAPTER@HOSTNAME.",
         ),
         click.option(
+            "--ca-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="CONTROLPLANE_CA_FILE",
+            help="Trust this CA (PEM) for https agents (default: the system's CAs).",
+        ),
+        click.option(
+            "--cert-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="CONTROLPLANE_CERT_FILE",
+            help="Client certificate (PEM) for agents that require one (mutual TLS).",
+        ),
+        click.option(
+            "--key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="CONTROLPLANE_KEY_FILE",
+            help="The key of --cert-file (PEM, no passphrase).",
+        ),
+        click.option(
             "--report-s",
             "report_s",
             type=click.FloatRange(min=0, max=3600),
@@ -315,6 +336,18 @@ def _check_lb_name(ctx: click.Context, param: click.Parameter, value: str | None
     if value is not None and not valid_name(value):
         raise click.BadParameter(f"1-64 characters of letters, digits and ._@- (got {value!r})")
     return value
+
+
+def _lb_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext | None:
+    """The adapters' TLS context from --ca-file/--cert-file/--key-file; None when none is given."""
+    from controlplane.client.tls import TlsFilesError, client_context
+
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    try:
+        return client_context(ca_file, cert_file, key_file)
+    except TlsFilesError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _run_adapter(main_coro: Any, source: str) -> None:
@@ -350,6 +383,9 @@ def lb_haproxy(
     once: bool,
     log_level: str,
     report_name: str | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
     report_s: float,
     socket_path: Path,
     map_path: Path,
@@ -359,6 +395,7 @@ def lb_haproxy(
     from controlplane.lb.haproxy import run_haproxy
 
     setup_logging(log_level, "lb-haproxy")
+    tls = _lb_tls(ca_file, cert_file, key_file)
     _run_adapter(
         lambda stop: run_haproxy(
             list(agents),
@@ -373,6 +410,7 @@ def lb_haproxy(
             stop=stop,
             report_name=report_name,
             report_s=report_s,
+            ssl=tls,
         ),
         "lb haproxy",
     )
@@ -399,6 +437,9 @@ def lb_nginx(
     once: bool,
     log_level: str,
     report_name: str | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
     report_s: float,
     template: Path,
     output: Path,
@@ -411,6 +452,7 @@ def lb_nginx(
     from controlplane.lb.nginx import run_nginx
 
     setup_logging(log_level, "lb-nginx")
+    tls = _lb_tls(ca_file, cert_file, key_file)
     _run_adapter(
         lambda stop: run_nginx(
             list(agents),
@@ -428,6 +470,7 @@ def lb_nginx(
             stop=stop,
             report_name=report_name,
             report_s=report_s,
+            ssl=tls,
         ),
         "lb nginx",
     )

@@ -142,12 +142,22 @@ def make_certificates(directory: Path) -> Certificates:
     ca_key, ca = _ca("controlplane throwaway CA", now)
     ca_file = directory / "ca.crt"
     _write_cert(ca_file, ca)
-    server = _leaf(directory, "server", "controlplane agent", ExtendedKeyUsageOID.SERVER_AUTH, ca_key, ca, now)
-    client = _leaf(directory, "client", "controlplane client", ExtendedKeyUsageOID.CLIENT_AUTH, ca_key, ca, now)
+    server = _leaf(
+        directory, "server", "controlplane agent", ExtendedKeyUsageOID.SERVER_AUTH, ca_key, ca, now
+    )
+    client = _leaf(
+        directory, "client", "controlplane client", ExtendedKeyUsageOID.CLIENT_AUTH, ca_key, ca, now
+    )
     other_key, other = _ca("some other CA", now)
     stranger_ca_file = directory / "other-ca.crt"
     _write_cert(stranger_ca_file, other)
     stranger = _leaf(
-        directory, "stranger", "not a controlplane client", ExtendedKeyUsageOID.CLIENT_AUTH, other_key, other, now
+        directory,
+        "stranger",
+        "not a controlplane client",
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        other_key,
+        other,
+        now,
     )
     return Certificates(directory, ca_file, server, client, stranger, stranger_ca_file)
