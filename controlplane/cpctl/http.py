@@ -224,6 +224,13 @@ class Client:
                     # before reading the request, so nothing was served.
                     raise _NotSent(_describe(e, "answer", timeout_s)) from None
                 raise _NoAnswer(_describe(e, "answer", timeout_s)) from None
+            except (http.client.RemoteDisconnected, ConnectionResetError) as e:
+                reason = _describe(e, "answer", timeout_s)
+                if parts.scheme == "https":
+                    # With TLS 1.3 an agent that requires client certificates checks
+                    # ours after our side of the handshake ended, and hangs up.
+                    reason += f"; {_CLIENT_CERT_HINT}"
+                raise _NoAnswer(reason) from None
             except (OSError, http.client.HTTPException) as e:
                 raise _NoAnswer(_describe(e, "answer", timeout_s)) from None
             return answer.status, dict(answer.getheaders()), raw
@@ -253,15 +260,17 @@ def _describe(e: BaseException, phase: str, timeout_s: float) -> str:
             "trust its CA with --ca-file or CPCTL_CA_FILE"
         )
     if isinstance(e, ssl.SSLError) and _refused_certificate(e):
-        return (
-            f"TLS: the agent refused the connection ({e.reason}): it requires a client certificate "
-            "it trusts; give one with --cert-file and --key-file (CPCTL_CERT_FILE, CPCTL_KEY_FILE)"
-        )
+        return f"TLS: the agent refused the connection ({e.reason}): {_CLIENT_CERT_HINT}"
     if isinstance(e, ssl.SSLError):
         return f"TLS error ({e.reason or e})"
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return str(text)
 
+
+_CLIENT_CERT_HINT = (
+    "if the agents require a client certificate (mutual TLS), give one signed by their CA with "
+    "--cert-file and --key-file (CPCTL_CERT_FILE, CPCTL_KEY_FILE)"
+)
 
 # TLS alerts an agent sends when it refuses a client's certificate (or its absence).
 _CERTIFICATE_ALERTS = (
