@@ -95,14 +95,20 @@ async def test_cpctl_and_an_nginx_adapter_over_https(
     nginx = Nginx(tmp_path, backend_addresses(c))
     await nginx.start()
     agents = [arg for a in c.agents.values() for arg in ("--agent", a.url)]
-    adapter = nginx_adapter(tmp_path, agents, nginx, "--ca-file", str(certs.ca_file), "--name", "nginx-tls")
+    tls = ("--ca-file", str(certs.ca_file))
+    # The admin token outranks scope lb: the adapter's reports are taken.
+    report = ("--name", "nginx-tls", "--token", c.admin_token, "--report-s", "1")
+    adapter = nginx_adapter(tmp_path, agents, nginx, *tls, *report)
     try:
         adapter.start()
         await failover_and_recovery(c, nginx.url, adapter, measure, "nginx over https")
         first = next(iter(c.agents))
-        status_code, _, lbs = await c.get(first, "/v1/lbs")
-        assert status_code == 200
-        assert "nginx-tls" in json.dumps(lbs), lbs
+
+        async def reported() -> bool:
+            status_code, _, lbs = await c.get(first, "/v1/lbs")
+            return status_code == 200 and "nginx-tls" in json.dumps(lbs)
+
+        await c.wait_for(reported, 30.0, "the adapter's report over https")
     finally:
         await adapter.stop()
         await nginx.stop()
