@@ -229,6 +229,11 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
 @click.option("--backend", type=click.Choice(["raft", "etcd"]), default="raft")
 @click.option("--etcd-endpoints", default="", help="Comma-separated etcd endpoints (backend etcd).")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep agent logs here.")
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Agents serve HTTPS with a throwaway local CA's certificate (prints how to trust it).",
+)
 def demo(
     serve: bool,
     drill: bool,
@@ -237,6 +242,7 @@ def demo(
     backend: str,
     etcd_endpoints: str,
     log_dir: Path | None,
+    tls: bool,
 ) -> None:
     """Run a local multi-region deployment through an outage and a recovery."""
     from controlplane.demo import DemoOptions, run_demo
@@ -250,6 +256,7 @@ def demo(
         backend=backend,
         etcd_endpoints=[e for e in etcd_endpoints.split(",") if e],
         log_dir=log_dir,
+        tls=tls,
     )
     try:
         code = asyncio.run(run_demo(options))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping
@@ -152,3 +153,48 @@ async def test_mutual_tls_refuses_clients_without_a_trusted_certificate(
     async with trusted:
         assert await trusted.wait_for_revision(0, timeout_s=30.0), trusted._follower.last_error
         assert trusted.weights("order"), trusted.decision
+
+
+async def test_demo_serve_tls_prints_how_to_trust_its_ca(tmp_path: Path) -> None:
+    """`controlplane demo --serve --tls`: HTTPS agents, and the lines to reach them work as printed."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "controlplane", "demo", "--serve", "--tls", "--random-ports",
+        "--log-dir", str(tmp_path / "demo"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, stdin=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        async with asyncio.timeout(120):
+            async for raw in proc.stdout:
+                lines.append(raw.decode(errors="replace").rstrip())
+                if "Ctrl-C stops everything" in lines[-1]:
+                    break
+        text = "\n".join(lines)
+        exports = dict(
+            line.strip().removeprefix("export ").split("=", 1)
+            for line in lines
+            if line.strip().startswith("export CPCTL_")
+        )
+        assert exports["CPCTL_ENDPOINT"].startswith("https://127.0.0.1:"), text
+        assert f"curl -s --cacert {exports['CPCTL_CA_FILE']} {exports['CPCTL_ENDPOINT']}/v1/decision" in text
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("CPCTL_")}
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [CPCTL, "status"],
+            env={**environment, **exports, "NO_COLOR": "1"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                async with asyncio.timeout(30):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
