@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -185,7 +186,7 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
     try:
         s = load_settings(config_path)
         # The agent's own checks, shared: what passes here starts (secrets aside).
-        resolved, _ = preflight(s, secrets=not no_secrets)
+        resolved, _, _ = preflight(s, secrets=not no_secrets)
         tokens = None if no_secrets else resolved
     except ConfigError as e:
         fail_config(e, config_path)
@@ -205,6 +206,8 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
                 fail_config(ConfigError(problems), config_path)
                 return
             click.echo(f"{config_path}: {len(found)} PromQL queries parsed by {binary}")
+    tls = s.model.api.tls
+    api = "http" if tls is None else "https" + (" with client certificates" if tls.client_ca_file else "")
     if tokens is None:
         secrets = "not checked"
     else:
@@ -213,7 +216,8 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
         secrets = f"resolved and strong (tokens: {named}; reads {reads})"
     click.echo(
         f"{config_path}: ok: {len(s.cluster.agents)} agents, {len(s.policy.regions)} regions, "
-        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, secrets {secrets}"
+        f"services {', '.join(s.policy.services)}, backend {s.model.backend.kind}, api {api}, "
+        f"secrets {secrets}"
     )
 
 
@@ -225,6 +229,11 @@ def check_config(config_path: str, no_secrets: bool, promtool: str) -> None:
 @click.option("--backend", type=click.Choice(["raft", "etcd"]), default="raft")
 @click.option("--etcd-endpoints", default="", help="Comma-separated etcd endpoints (backend etcd).")
 @click.option("--log-dir", type=click.Path(file_okay=False, path_type=Path), help="Keep agent logs here.")
+@click.option(
+    "--tls",
+    is_flag=True,
+    help="Agents serve HTTPS with a throwaway local CA's certificate (prints how to trust it).",
+)
 def demo(
     serve: bool,
     drill: bool,
@@ -233,6 +242,7 @@ def demo(
     backend: str,
     etcd_endpoints: str,
     log_dir: Path | None,
+    tls: bool,
 ) -> None:
     """Run a local multi-region deployment through an outage and a recovery."""
     from controlplane.demo import DemoOptions, run_demo
@@ -246,6 +256,7 @@ def demo(
         backend=backend,
         etcd_endpoints=[e for e in etcd_endpoints.split(",") if e],
         log_dir=log_dir,
+        tls=tls,
     )
     try:
         code = asyncio.run(run_demo(options))
@@ -272,7 +283,8 @@ def _lb_options(f: Any) -> Any:
             required=True,
             envvar="CONTROLPLANE_AGENTS",
             callback=_agent_urls,
-            help="Agent base URL, e.g. http://10.0.0.1:8700; repeat, or separate by commas or spaces.",
+            help="Agent base URL, e.g. http://10.0.0.1:8700 (https:// when the agents serve TLS); "
+            "repeat, or separate by commas or spaces.",
         ),
         click.option(
             "--service", "services", multiple=True, help="Only these services (default: all mapped)."
@@ -293,6 +305,24 @@ def _lb_options(f: Any) -> Any:
             "report_name",
             callback=_check_lb_name,
             help="Name this load balancer reports as (1-64 of A-Za-z0-9._@-). Default: ADAPTER@HOSTNAME.",
+        ),
+        click.option(
+            "--ca-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="CONTROLPLANE_CA_FILE",
+            help="Trust this CA (PEM) for https agents (default: the system's CAs).",
+        ),
+        click.option(
+            "--cert-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="CONTROLPLANE_CERT_FILE",
+            help="Client certificate (PEM) for agents that require one (mutual TLS).",
+        ),
+        click.option(
+            "--key-file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            envvar="CONTROLPLANE_KEY_FILE",
+            help="The key of --cert-file (PEM, no passphrase).",
         ),
         click.option(
             "--report-s",
@@ -334,6 +364,18 @@ def _check_lb_name(ctx: click.Context, param: click.Parameter, value: str | None
     return value
 
 
+def _lb_tls(ca_file: Path | None, cert_file: Path | None, key_file: Path | None) -> ssl.SSLContext | None:
+    """The adapters' TLS context from --ca-file/--cert-file/--key-file; None when none is given."""
+    from controlplane.client.tls import TlsFilesError, client_context
+
+    if ca_file is None and cert_file is None and key_file is None:
+        return None
+    try:
+        return client_context(ca_file, cert_file, key_file)
+    except TlsFilesError as e:
+        raise click.UsageError(str(e)) from None
+
+
 def _run_adapter(main_coro: Any, source: str) -> None:
     """Run an adapter until SIGTERM/SIGINT; its exit code (2 for a bad map or template)."""
 
@@ -367,6 +409,9 @@ def lb_haproxy(
     once: bool,
     log_level: str,
     report_name: str | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
     report_s: float,
     socket_path: Path,
     map_path: Path,
@@ -376,6 +421,7 @@ def lb_haproxy(
     from controlplane.lb.haproxy import run_haproxy
 
     setup_logging(log_level, "lb-haproxy")
+    tls = _lb_tls(ca_file, cert_file, key_file)
     _run_adapter(
         lambda stop: run_haproxy(
             list(agents),
@@ -390,6 +436,7 @@ def lb_haproxy(
             stop=stop,
             report_name=report_name,
             report_s=report_s,
+            ssl=tls,
         ),
         "lb haproxy",
     )
@@ -416,6 +463,9 @@ def lb_nginx(
     once: bool,
     log_level: str,
     report_name: str | None,
+    ca_file: Path | None,
+    cert_file: Path | None,
+    key_file: Path | None,
     report_s: float,
     template: Path,
     output: Path,
@@ -428,6 +478,7 @@ def lb_nginx(
     from controlplane.lb.nginx import run_nginx
 
     setup_logging(log_level, "lb-nginx")
+    tls = _lb_tls(ca_file, cert_file, key_file)
     _run_adapter(
         lambda stop: run_nginx(
             list(agents),
@@ -445,6 +496,7 @@ def lb_nginx(
             stop=stop,
             report_name=report_name,
             report_s=report_s,
+            ssl=tls,
         ),
         "lb nginx",
     )

@@ -361,7 +361,22 @@ class AuthConfig(_Strict):
         return self
 
 
+class ApiTlsConfig(_Strict):
+    """HTTPS for the agent's API: the certificate and key it serves, both required.
+
+    With `client_ca_file`, mutual TLS: every client must present a certificate signed
+    by that CA, or the handshake fails. The files are read when the agent starts (and by
+    `check-config`): `api/tls.py` reports what cannot be read or does not match.
+    """
+
+    cert_file: Path
+    key_file: Path
+    client_ca_file: Path | None = None
+
+
 class ApiConfig(_Strict):
+    # HTTPS when set (see ApiTlsConfig); plain HTTP otherwise.
+    tls: ApiTlsConfig | None = None
     max_body_bytes: Annotated[int, Strict(), Field(ge=1024, le=16 * 1024 * 1024)] = 64 * 1024
     max_watchers: Annotated[int, Strict(), Field(ge=1, le=100_000)] = 20_000
     # Open connections at most; by default 25000 or what the open-file limit allows
@@ -460,6 +475,15 @@ class Settings:
         references (env, file), never values, so the hash reveals nothing.
         """
         return hashlib.sha256(self.model.model_dump_json().encode()).hexdigest()[:12]
+
+    @property
+    def api_scheme(self) -> str:
+        """`https` when the agents serve their API over TLS (`api.tls`), else `http`."""
+        return "https" if self.model.api.tls is not None else "http"
+
+    def agent_url(self, agent: AgentConfig) -> str:
+        """The base URL of `agent`'s API: its `http` address with the scheme of `api.tls`."""
+        return f"{self.api_scheme}://{agent.http}"
 
     def agent(self, agent_id: str) -> AgentConfig:
         for a in self.model.cluster.agents:

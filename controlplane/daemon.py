@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -23,6 +24,7 @@ from controlplane.agent.loops import decide_loop, publish, watch_loop
 from controlplane.agent.node import Node
 from controlplane.api.app import create_app
 from controlplane.api.server import ConnectionLimits, GuardedSite, connection_limits
+from controlplane.api.tls import server_context
 from controlplane.config import SecretRef, Settings, load_settings
 from controlplane.consensus.factory import make_store, store_problems
 from controlplane.diagnostics import AllocationTracer
@@ -90,16 +92,20 @@ def resolve_tokens(settings: Settings) -> Tokens:
     return Tokens(admin=admin, read=read, named=tuple(named), open_reads=auth.open_reads)
 
 
-def preflight(settings: Settings, *, secrets: bool = True) -> tuple[Tokens, ConnectionLimits]:
+def preflight(
+    settings: Settings, *, secrets: bool = True
+) -> tuple[Tokens, ConnectionLimits, ssl.SSLContext | None]:
     """Every check between a valid file and a running agent, all problems at once.
 
     The one validation `check-config` and `agent` share (after `load_settings`): the
-    backend's own rules, the secrets (unless `secrets` is False: then no tokens), and
-    the connection limits against this process's open-file limit.
+    backend's own rules, the secrets (unless `secrets` is False: then no tokens), the
+    connection limits against this process's open-file limit, and the API's TLS files
+    (`api.tls`: readable, a certificate and its key; the context, None without TLS).
     """
     problems = list(store_problems(settings))
     tokens = Tokens()
     limits: ConnectionLimits | None = None
+    context: ssl.SSLContext | None = None
     if secrets:
         try:
             tokens = resolve_tokens(settings)
@@ -109,9 +115,14 @@ def preflight(settings: Settings, *, secrets: bool = True) -> tuple[Tokens, Conn
         limits = connection_limits(settings)
     except ConfigError as e:
         problems.extend(e.problems)
+    if settings.model.api.tls is not None:
+        try:
+            context = server_context(settings.model.api.tls)
+        except ConfigError as e:
+            problems.extend(e.problems)
     if problems or limits is None:
         raise ConfigError(problems)
-    return tokens, limits
+    return tokens, limits, context
 
 
 async def watch_parent(sup: Supervisor, parent_pid: int, period_s: float = 0.5) -> None:
@@ -206,7 +217,7 @@ async def run_agent(
     """Run one agent until SIGTERM/SIGINT (or, with `parent_pid`, until that parent is
     gone); raises `TaskFailed` if a task dies."""
     me = settings.agent(agent_id)
-    tokens, limits = preflight(settings)
+    tokens, limits, tls_context = preflight(settings)
     tracer = AllocationTracer.from_env()
     store = make_store(settings, agent_id, data_dir)
     metrics = Metrics(agent_id)
@@ -231,7 +242,7 @@ async def run_agent(
     try:
         if tracer is not None:
             _start_tracer(tracer, sup)
-        await _start(settings, node, sup, me.http, limits, reload_hooks)
+        await _start(settings, node, sup, me.http, limits, reload_hooks, tls_context)
     except BaseException:
         await sup.shutdown()
         raise
@@ -241,7 +252,8 @@ async def run_agent(
         if backend.kind == "raft"
         else f"etcd {','.join(backend.etcd.endpoints) if backend.etcd else '?'}"
     )
-    log.info("agent %s (%s) serving http://%s, %s", agent_id, me.region, me.http, where)
+    mutual = " (mutual TLS)" if settings.model.api.tls and settings.model.api.tls.client_ca_file else ""
+    log.info("agent %s (%s) serving %s%s, %s", agent_id, me.region, settings.agent_url(me), mutual, where)
     log.info(
         "http limits: %d connections, %d watchers (open-file limit %d), request head within %g s",
         limits.max_connections,
@@ -273,6 +285,7 @@ async def _start(
     http: str,
     limits: ConnectionLimits,
     reload_hooks: list[Hook],
+    tls_context: ssl.SSLContext | None,
 ) -> None:
     store, metrics, agent_id = node.store, node.metrics, node.agent_id
     store.on_task_failure = sup.fail
@@ -363,5 +376,13 @@ async def _start(
     await runner.setup()
     sup.on_stop("http", runner.cleanup)
     host, _, port = http.rpartition(":")
-    site = GuardedSite(runner, host, int(port), max_connections=limits.max_connections)
+    site = GuardedSite(
+        runner,
+        host,
+        int(port),
+        max_connections=limits.max_connections,
+        ssl_context=tls_context,
+        # A TLS handshake must finish as soon as a request head must arrive (slowloris).
+        handshake_timeout_s=settings.model.api.header_timeout_s,
+    )
     await site.start()

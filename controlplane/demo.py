@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from controlplane.client.flags import FlagsClient
 from controlplane.tasks import spawn
@@ -39,6 +39,9 @@ from controlplane.testing.application import PATHS, SimApplication
 from controlplane.testing.etcdlocal import EtcdUnavailable, LocalEtcd
 from controlplane.testing.loadbalancer import SimLoadBalancer
 from controlplane.testing.localcluster import LocalCluster, load_demo_config, remap_ports
+
+if TYPE_CHECKING:
+    from controlplane.testing.tls import Certificates
 
 SERVICE = "order"
 FAILED_REGION = "cn-east"
@@ -53,6 +56,9 @@ class DemoOptions:
     backend: str = "raft"
     etcd_endpoints: list[str] = field(default_factory=list)
     log_dir: Path | None = None
+    # Agents serve HTTPS with a throwaway CA's certificate (written under log_dir, or a
+    # temporary directory removed at the end).
+    tls: bool = False
 
 
 class Out:
@@ -143,13 +149,30 @@ async def run_demo(options: DemoOptions) -> int:
 
 async def _run(options: DemoOptions, config: dict[str, Any], out: Out) -> int:
     token = os.environ.get("CONTROLPLANE_ADMIN_TOKEN") or secrets.token_hex(16)
-    async with LocalCluster(config, admin_token=token, workdir=options.log_dir) as cluster:
+    with contextlib.ExitStack() as stack:
+        certs = None
+        if options.tls:
+            from controlplane.testing.tls import make_certificates
+
+            where = options.log_dir or Path(
+                stack.enter_context(tempfile.TemporaryDirectory(prefix="cp-tls-"))
+            )
+            certs = make_certificates(where / "tls")
+            out(f"TLS: a throwaway CA and a certificate for 127.0.0.1/localhost in {certs.directory}")
+        return await _run_cluster(options, config, out, token, certs)
+    return 1  # pragma: no cover - the exit stack does not swallow exceptions
+
+
+async def _run_cluster(
+    options: DemoOptions, config: dict[str, Any], out: Out, token: str, certs: Certificates | None
+) -> int:
+    async with LocalCluster(config, admin_token=token, workdir=options.log_dir, tls=certs) as cluster:
         agents = list(cluster.agents.values())
         backend = config.get("backend", {}).get("kind", "raft")
         out(f"started 3 agents (real processes, {backend} backend) and simulated backends for 3 regions:")
         for a in agents:
             where = f"raft {a.raft}" if backend == "raft" else "etcd"
-            out(f"  {a.id:<14} region {a.region:<9} http://{a.http}  {where}")
+            out(f"  {a.id:<14} region {a.region:<9} {a.url}  {where}")
         ready = await cluster.wait_ready(60)
         out(f"cluster ready: leader {ready['leader']}, revision {ready['revision']}")
         out(f"  {SERVICE}: {weights_line(ready)}")
@@ -165,8 +188,9 @@ async def _run(options: DemoOptions, config: dict[str, Any], out: Out) -> int:
             rps=100,
             report_as="demo-lb" if options.drill else None,
             token=token,
+            ssl=cluster.client_ssl,
         )
-        app = SimApplication(agents=[a.url for a in agents], rps=50)
+        app = SimApplication(agents=[a.url for a in agents], rps=50, ssl=cluster.client_ssl)
         async with lb, app:
             out(f"simulated application at {app.url}: users call {', '.join(PATHS)} (50 requests/s)")
             if options.serve:
@@ -353,6 +377,8 @@ async def drill_scenario(
         "CPCTL_ENDPOINT": ",".join(a.url for a in cluster.agents.values()),
         "CPCTL_TOKEN": token,
     }
+    if cluster.tls is not None:
+        env["CPCTL_CA_FILE"] = str(cluster.tls.ca_file)
     out()
     out(f"DRILL: {' '.join(argv[2:])}")
     started = time.time()
@@ -382,18 +408,25 @@ async def drill_scenario(
 
 async def serve_forever(out: Out, cluster: LocalCluster, token: str) -> int:
     first = next(iter(cluster.agents.values()))
-    endpoints = ",".join(f"http://{a.http}" for a in cluster.agents.values())
+    endpoints = ",".join(a.url for a in cluster.agents.values())
     cpctl = Path(sys.executable).with_name("cpctl")
     out()
-    out(f"dashboard: http://{first.http}/ui/  (paste the admin token there to act; every agent serves it)")
+    out(f"dashboard: {first.url}/ui/  (paste the admin token there to act; every agent serves it)")
+    if cluster.tls is not None:
+        out(
+            f"  (HTTPS with a throwaway CA: your browser will warn; its certificate is {cluster.tls.ca_file})"
+        )
     out(f"the deployment keeps running; cpctl is {cpctl} (or: source {cpctl.parent}/activate); try:")
+    ca = cluster.tls.ca_file if cluster.tls is not None else None
+    trust = f"\n    export CPCTL_CA_FILE={ca}" if ca is not None else ""
+    curl = f"curl -s --cacert {ca}" if ca is not None else "curl -s"
     print(
         f"""
     export PATH={cpctl.parent}:$PATH
     export CPCTL_ENDPOINT={endpoints}
-    export CPCTL_TOKEN={token}
-    curl -s http://{first.http}/v1/decision | python3 -m json.tool
-    curl -s http://{first.http}/v1/cluster
+    export CPCTL_TOKEN={token}{trust}
+    {curl} {first.url}/v1/decision | python3 -m json.tool
+    {curl} {first.url}/v1/cluster
     cpctl status
     cpctl drill cn-east --duration 1m --objective 10s --reason "try a drill" --yes
     cpctl drain cn-east --reason "try a drain" --yes

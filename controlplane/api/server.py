@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 from dataclasses import dataclass
 from typing import cast
 
@@ -92,11 +93,25 @@ def connection_limits(settings: Settings, *, raise_soft_limit: bool = True) -> C
 
 
 class GuardedSite(web.TCPSite):
-    """A `TCPSite` that answers 503 and closes connections past `max_connections`."""
+    """A `TCPSite` that answers 503 and closes connections past `max_connections`.
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, max_connections: int) -> None:
-        super().__init__(runner, host, port, reuse_address=True, backlog=1024)
+    With `ssl_context`, HTTPS: a client has `handshake_timeout_s` to finish the TLS
+    handshake, and a connection refused for the cap is refused after it (over TLS).
+    """
+
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        ssl_context: ssl.SSLContext | None = None,
+        handshake_timeout_s: float = 10.0,
+    ) -> None:
+        super().__init__(runner, host, port, reuse_address=True, backlog=1024, ssl_context=ssl_context)
         self.max_connections = max_connections
+        self.handshake_timeout_s = handshake_timeout_s
         self.refused = 0
 
     async def start(self) -> None:
@@ -112,7 +127,13 @@ class GuardedSite(web.TCPSite):
             return server()
 
         self._server = await loop.create_server(
-            protocol, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address
+            protocol,
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self.handshake_timeout_s if self._ssl_context is not None else None,
         )
         sockets = self._server.sockets
         self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

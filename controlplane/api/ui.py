@@ -64,8 +64,11 @@ def load_assets() -> dict[str, Asset]:
 
 
 def agent_origins(node: Node) -> frozenset[str]:
-    """`http://host:port` of every configured agent: the only origins the page moves between."""
-    return frozenset(f"http://{a.http}" for a in node.settings.cluster.agents)
+    """`http(s)://host:port` of every configured agent: the only origins the page moves between.
+
+    https when the agents serve TLS (`api.tls`): an origin includes its scheme.
+    """
+    return frozenset(node.settings.agent_url(a) for a in node.settings.cluster.agents)
 
 
 def content_security_policy(origins: frozenset[str]) -> str:

@@ -22,6 +22,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from ssl import SSLContext
 
 from controlplane.client.follower import DecisionFollower
 from controlplane.errors import TaskFailed
@@ -41,7 +42,9 @@ class FlagsClient:
         connect_timeout_s: float = 2.0,
         backoff_max_s: float = 5.0,
         defaults: Mapping[str, bool] | None = None,
+        ssl: SSLContext | None = None,
     ) -> None:
+        """`ssl`: the TLS context for https agents (see `controlplane.client.tls.client_context`)."""
         if not endpoints:
             raise ValueError("at least one agent endpoint is needed")
         self.endpoints = [e.rstrip("/") for e in endpoints]
@@ -54,6 +57,7 @@ class FlagsClient:
             max_backoff_s=backoff_max_s,
             token=token,
             start_at_random=True,
+            ssl=ssl,
         )
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()

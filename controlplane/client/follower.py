@@ -21,6 +21,7 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from ssl import SSLContext
 
 import aiohttp
 
@@ -55,7 +56,10 @@ class DecisionFollower:
         rng: random.Random | None = None,
         on_served: Callable[[Served], None] | None = None,
         start_at_random: bool = False,
+        ssl: SSLContext | None = None,
     ) -> None:
+        """`ssl`: the TLS context for https agents (`controlplane.client.tls.client_context`:
+        a private CA, a client certificate for mutual TLS); None: the system's CAs."""
         self.following = Following(
             list(agents),
             wait_s=wait_s,
@@ -73,6 +77,7 @@ class DecisionFollower:
             total=wait_s + wait_s / 16 + 5.0, connect=connect_timeout_s, sock_connect=connect_timeout_s
         )
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.ssl = ssl
         self.applied_at: float | None = None  # time.time() of the last successful apply
         self.apply_error: str | None = None
         self._warned_stale: set[str] = set()
@@ -165,7 +170,8 @@ class DecisionFollower:
     async def run(self, stop: asyncio.Event | None = None, *, until_applied: bool = False) -> None:
         """Follow until `stop` is set (or, with `until_applied`, until one revision applied)."""
         stop = stop or asyncio.Event()
-        async with aiohttp.ClientSession() as session:
+        connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
+        async with aiohttp.ClientSession(connector=connector) as session:
             while not stop.is_set():
                 stepping = asyncio.ensure_future(self.step(session))
                 stopping = asyncio.ensure_future(stop.wait())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Mapping, Sequence
+from ssl import SSLContext
 from typing import Any, TypeVar
 
 from openfeature.evaluation_context import EvaluationContext
@@ -62,13 +63,17 @@ class ControlplaneProvider(AbstractProvider):
         token: str | None = None,
         wait_s: float = 30.0,
         init_timeout_s: float = 10.0,
+        ssl: SSLContext | None = None,
     ) -> None:
+        """`ssl`: the TLS context for https agents, for the provider's own client."""
         super().__init__()
         if (flags is None) == (endpoints is None):
             raise ValueError("give either endpoints or flags (a FlagsClient)")
         self._own = flags is None
         self.flags = (
-            flags if flags is not None else FlagsClient(list(endpoints or ()), token=token, wait_s=wait_s)
+            flags
+            if flags is not None
+            else FlagsClient(list(endpoints or ()), token=token, wait_s=wait_s, ssl=ssl)
         )
         self.init_timeout_s = init_timeout_s
         self._ready = threading.Event()

@@ -14,6 +14,12 @@ an id chosen here, so it is resent elsewhere like a read (the same id commits on
 Other writes (removing an intent) are retried elsewhere only when they never left this
 machine: once sent they may have been committed, so cpctl says so and stops instead.
 
+`https://` endpoints are verified with `ssl_context` (cpctl's --ca-file, --cert-file and
+--key-file build it with `controlplane.client.tls.client_context`), else with the
+system's CAs. A certificate the client cannot verify, or a handshake the agent refuses
+(mutual TLS without an acceptable client certificate), means the request was never
+served: the next endpoint is tried, and when none works the error says what to give.
+
 Blocking stdlib `http.client`, not aiohttp: a CLI makes a handful of calls one after
 the other, and importing less makes every invocation start faster.
 """
@@ -85,6 +91,8 @@ class Client:
     token: str | None = None
     user: str | None = None
     timeout_s: float = 10.0
+    # For https endpoints; None: the system's CAs, no client certificate.
+    ssl_context: ssl.SSLContext | None = None
     _current: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -166,7 +174,7 @@ class Client:
             return stale[1]
         if last_unavailable is not None:
             raise last_unavailable
-        raise Unreachable("no agent reachable: " + "; ".join(failures))
+        raise Unreachable("no agent reachable: " + _grouped(failures))
 
     def get_from(
         self, endpoint: str, path: str, query: Mapping[str, str] | None, timeout_s: float
@@ -187,9 +195,8 @@ class Client:
         connect_timeout = min(CONNECT_TIMEOUT_MAX_S, timeout_s)
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
-            conn = http.client.HTTPSConnection(
-                host, parts.port, timeout=connect_timeout, context=ssl.create_default_context()
-            )
+            context = self.ssl_context or ssl.create_default_context()
+            conn = http.client.HTTPSConnection(host, parts.port, timeout=connect_timeout, context=context)
         else:
             conn = http.client.HTTPConnection(host, parts.port, timeout=connect_timeout)
         headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
@@ -210,11 +217,34 @@ class Client:
                 conn.request(method, target, body=payload, headers=headers)
                 answer = conn.getresponse()
                 raw = answer.read()
+            except ssl.SSLError as e:
+                if _refused_certificate(e):
+                    # With TLS 1.3 the agent checks the client's certificate after the
+                    # client thinks the handshake is done: it refused the connection
+                    # before reading the request, so nothing was served.
+                    raise _NotSent(_describe(e, "answer", timeout_s)) from None
+                raise _NoAnswer(_describe(e, "answer", timeout_s)) from None
+            except (http.client.RemoteDisconnected, ConnectionResetError) as e:
+                reason = _describe(e, "answer", timeout_s)
+                if parts.scheme == "https":
+                    # With TLS 1.3 an agent that requires client certificates checks
+                    # ours after our side of the handshake ended, and hangs up.
+                    reason += f"; {_CLIENT_CERT_HINT}"
+                raise _NoAnswer(reason) from None
             except (OSError, http.client.HTTPException) as e:
                 raise _NoAnswer(_describe(e, "answer", timeout_s)) from None
             return answer.status, dict(answer.getheaders()), raw
         finally:
             conn.close()
+
+
+def _grouped(failures: Sequence[str]) -> str:
+    """`a: why; b: why` with endpoints that failed alike named together (`a, b: why`)."""
+    by_reason: dict[str, list[str]] = {}
+    for failure in failures:
+        endpoint, _, reason = failure.partition(": ")
+        by_reason.setdefault(reason, []).append(endpoint)
+    return "; ".join(f"{', '.join(endpoints)}: {reason}" for reason, endpoints in by_reason.items())
 
 
 def _describe(e: BaseException, phase: str, timeout_s: float) -> str:
@@ -224,10 +254,36 @@ def _describe(e: BaseException, phase: str, timeout_s: float) -> str:
         return "connection refused"
     if isinstance(e, socket.gaierror):
         return f"cannot resolve host ({e.strerror or e})"
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return (
+            f"TLS: cannot verify the agent's certificate ({e.verify_message or e.reason}); "
+            "trust its CA with --ca-file or CPCTL_CA_FILE"
+        )
+    if isinstance(e, ssl.SSLError) and _refused_certificate(e):
+        return f"TLS: the agent refused the connection ({e.reason}): {_CLIENT_CERT_HINT}"
     if isinstance(e, ssl.SSLError):
         return f"TLS error ({e.reason or e})"
     text = getattr(e, "strerror", None) or str(e) or type(e).__name__
     return str(text)
+
+
+_CLIENT_CERT_HINT = (
+    "if the agents require a client certificate (mutual TLS), give one signed by their CA with "
+    "--cert-file and --key-file (CPCTL_CERT_FILE, CPCTL_KEY_FILE)"
+)
+
+# TLS alerts an agent sends when it refuses a client's certificate (or its absence).
+_CERTIFICATE_ALERTS = (
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED",
+    "SSLV3_ALERT_BAD_CERTIFICATE",
+    "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN",
+    "SSLV3_ALERT_HANDSHAKE_FAILURE",
+)
+
+
+def _refused_certificate(e: ssl.SSLError) -> bool:
+    return e.reason in _CERTIFICATE_ALERTS
 
 
 def _parse(raw: bytes) -> Any:

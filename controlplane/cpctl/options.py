@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import os
 import socket
+import ssl
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,9 @@ class Settings:
     output: str | None = None
     timeout_s: float | None = None
     debug: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
     _client: Client | None = field(default=None, repr=False)
 
     @property
@@ -78,6 +82,25 @@ class Settings:
             name = "unknown"
         return f"{name}@{socket.gethostname()}"
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context for https endpoints from --ca-file/--cert-file/--key-file; None: defaults."""
+        from controlplane.client.tls import TlsFilesError, client_context
+
+        # Given on the command line wins over the environment (read here, not by click,
+        # so that an option before the command is not overridden by the variable).
+        ca_file = self.ca_file or _env_path("CPCTL_CA_FILE")
+        cert_file = self.cert_file or _env_path("CPCTL_CERT_FILE")
+        key_file = self.key_file or _env_path("CPCTL_KEY_FILE")
+        if ca_file is None and cert_file is None and key_file is None:
+            return None
+        if (cert_file is None) != (key_file is None):
+            given = "--cert-file" if cert_file is not None else "--key-file"
+            raise UsageProblem(f"{given} needs the other: give --cert-file and --key-file together")
+        try:
+            return client_context(ca_file, cert_file, key_file)
+        except TlsFilesError as e:
+            raise UsageProblem(f"TLS files: {e}") from None
+
     def client(self) -> Client:
         if self._client is None:
             self._client = Client(
@@ -85,8 +108,14 @@ class Settings:
                 token=self.token(),
                 user=self.who(),
                 timeout_s=self.timeout_s or DEFAULT_TIMEOUT_S,
+                ssl_context=self.ssl_context(),
             )
         return self._client
+
+
+def _env_path(name: str) -> Path | None:
+    value = os.environ.get(name, "").strip()
+    return Path(value) if value else None
 
 
 def _store(attribute: str) -> Callable[[click.Context, click.Parameter, Any], None]:
@@ -110,8 +139,9 @@ def global_options() -> list[click.Option]:
             ["-e", "--endpoint", "endpoints"],
             multiple=True,
             metavar="URL",
-            help="An agent (host:port or http://host:port). Repeat it: cpctl tries the next when one is "
-            "unreachable. Default: $CPCTL_ENDPOINT (comma-separated), else the demo's 127.0.0.1:8701-8703.",
+            help="An agent (host:port, http://host:port or https://host:port). Repeat it: cpctl tries "
+            "the next when one is unreachable. Default: $CPCTL_ENDPOINT (comma-separated), "
+            "else the demo's 127.0.0.1:8701-8703.",
             callback=_store("endpoints"),
         ),
         click.Option(
@@ -120,6 +150,26 @@ def global_options() -> list[click.Option]:
             envvar="CPCTL_TOKEN_FILE",
             help="File holding the bearer token. Default: $CPCTL_TOKEN.",
             callback=_store("token_file"),
+        ),
+        click.Option(
+            ["--ca-file"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Trust this CA (PEM) for https:// endpoints (default: the system's CAs). "
+            "Default: $CPCTL_CA_FILE.",
+            callback=_store("ca_file"),
+        ),
+        click.Option(
+            ["--cert-file"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="Client certificate (PEM), for agents that require one (mutual TLS). "
+            "Default: $CPCTL_CERT_FILE.",
+            callback=_store("cert_file"),
+        ),
+        click.Option(
+            ["--key-file"],
+            type=click.Path(dir_okay=False, path_type=Path),
+            help="The key of --cert-file (PEM, no passphrase). Default: $CPCTL_KEY_FILE.",
+            callback=_store("key_file"),
         ),
         click.Option(
             ["--as", "user"],

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from ssl import SSLContext
 
 from controlplane.client.follower import DecisionFollower, apply_once, pause
 from controlplane.errors import NotFound, RuntimeApiError
@@ -295,19 +296,21 @@ async def run_haproxy(
     stop: asyncio.Event | None = None,
     report_name: str | None = None,
     report_s: float = DEFAULT_HEARTBEAT_S,
+    ssl: SSLContext | None = None,
 ) -> int:
     """Run the adapter until `stop` (or, with `once`, one revision); the exit code.
 
     It reports to every agent as `report_name` every `report_s` seconds and on every
-    change (0: not at all); see `controlplane.lb.report`. `ConfigError` for a bad map
+    change (0: not at all); see `controlplane.lb.report`. `ssl`: the TLS context for
+    https agents, used to follow and to report. `ConfigError` for a bad map
     file propagates before anything starts.
     """
     mapping = load_haproxy_map(map_path, services)
     status = StatusFile(status_path, "haproxy")
     status.update(services=sorted(mapping), agents=agents, socket=str(socket_path))
-    reporter = reporter_for(status, agents, name=report_name, heartbeat_s=report_s, token=token)
+    reporter = reporter_for(status, agents, name=report_name, heartbeat_s=report_s, token=token, ssl=ssl)
     adapter = HaproxyAdapter(RuntimeApi(socket_path), mapping, status)
-    follower = DecisionFollower(agents, adapter.apply, wait_s=wait_s, token=token)
+    follower = DecisionFollower(agents, adapter.apply, wait_s=wait_s, token=token, ssl=ssl)
     log.info(
         "following %s for %s; HAProxy runtime API at %s", ", ".join(agents), ", ".join(mapping), socket_path
     )

@@ -36,6 +36,7 @@ import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from ssl import SSLContext
 
 from controlplane.client.follower import DecisionFollower, apply_once, pause
 from controlplane.errors import ConfigError, NotFound, RenderError
@@ -309,11 +310,13 @@ async def run_nginx(
     stop: asyncio.Event | None = None,
     report_name: str | None = None,
     report_s: float = DEFAULT_HEARTBEAT_S,
+    ssl: SSLContext | None = None,
 ) -> int:
     """Run the adapter until `stop` (or, with `once`, one revision); the exit code.
 
     It reports to every agent as `report_name` every `report_s` seconds and on every
-    change (0: not at all); see `controlplane.lb.report`. `ConfigError` for a bad map
+    change (0: not at all); see `controlplane.lb.report`. `ssl`: the TLS context for
+    https agents, used to follow and to report. `ConfigError` for a bad map
     file or template propagates before anything starts.
     """
     upstreams = load_nginx_map(map_path, services)
@@ -330,8 +333,8 @@ async def run_nginx(
         status,
     )
     adapter.check_template()
-    reporter = reporter_for(status, agents, name=report_name, heartbeat_s=report_s, token=token)
-    follower = DecisionFollower(agents, adapter.apply, wait_s=wait_s, token=token)
+    reporter = reporter_for(status, agents, name=report_name, heartbeat_s=report_s, token=token, ssl=ssl)
+    follower = DecisionFollower(agents, adapter.apply, wait_s=wait_s, token=token, ssl=ssl)
     log.info(
         "following %s for %s; rendering %s into %s", ", ".join(agents), ", ".join(upstreams), template, output
     )

@@ -31,6 +31,7 @@ import logging
 import re
 import socket
 from collections.abc import Mapping, Sequence
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -91,7 +92,9 @@ class Reporter:
         heartbeat_s: float = DEFAULT_HEARTBEAT_S,
         token: str | None = None,
         timeout_s: float = REPORT_TIMEOUT_S,
+        ssl: SSLContext | None = None,
     ) -> None:
+        """`ssl`: the TLS context for https agents (a private CA, a client certificate)."""
         if not valid_name(name):
             raise ValueError(f"bad load balancer name {name!r}")
         if heartbeat_s <= 0:
@@ -101,6 +104,7 @@ class Reporter:
         self.adapter = adapter
         self.heartbeat_s = heartbeat_s
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.ssl = ssl
         self._headers = {"Content-Type": "application/json"}
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
@@ -122,7 +126,7 @@ class Reporter:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Report to every agent until `stop` is set: at once, on change, and every heartbeat."""
-        async with aiohttp.ClientSession(timeout=self.timeout) as session:
+        async with self._session() as session:
             senders = [
                 asyncio.create_task(self._keep_reporting(session, agent, stop), name=f"report to {agent}")
                 for agent in self.agents
@@ -141,8 +145,12 @@ class Reporter:
 
     async def flush(self) -> None:
         """Report once to every agent, concurrently (`--once`: before the process exits)."""
-        async with aiohttp.ClientSession(timeout=self.timeout) as session:
+        async with self._session() as session:
             await asyncio.gather(*(self._send(session, agent) for agent in self.agents))
+
+    def _session(self) -> aiohttp.ClientSession:
+        connector = aiohttp.TCPConnector(ssl=self.ssl) if self.ssl is not None else None
+        return aiohttp.ClientSession(timeout=self.timeout, connector=connector)
 
     async def _keep_reporting(self, session: aiohttp.ClientSession, agent: str, stop: asyncio.Event) -> None:
         wake = self._wake[agent]
@@ -190,6 +198,7 @@ def reporter_for(
     name: str | None = None,
     heartbeat_s: float = DEFAULT_HEARTBEAT_S,
     token: str | None = None,
+    ssl: SSLContext | None = None,
 ) -> Reporter | None:
     """The reporter of the adapter whose status is `status`, listening to it; None when
     reporting is off (`heartbeat_s` 0)."""
@@ -197,7 +206,12 @@ def reporter_for(
         log.info("not reporting to the agents (--report-s 0)")
         return None
     reporter = Reporter(
-        agents, name or default_name(status.adapter), status.adapter, heartbeat_s=heartbeat_s, token=token
+        agents,
+        name or default_name(status.adapter),
+        status.adapter,
+        heartbeat_s=heartbeat_s,
+        token=token,
+        ssl=ssl,
     )
     status.listen(reporter.update)
     log.info("reporting to the agents as %s every %g s and on every change", reporter.name, heartbeat_s)

@@ -24,6 +24,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext
 
 import aiohttp
 from aiohttp import web
@@ -69,9 +70,11 @@ class SimApplication:
     _runner: web.AppRunner | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
     _session: aiohttp.ClientSession | None = None
+    # For https agents: their CA (and a client certificate, for mutual TLS).
+    ssl: SSLContext | None = None
 
     async def start(self) -> None:
-        self.flags = FlagsClient(self.agents, token=self.token, wait_s=10.0, backoff_max_s=1.0)
+        self.flags = FlagsClient(self.agents, token=self.token, wait_s=10.0, backoff_max_s=1.0, ssl=self.ssl)
         await self.flags.start()
         self.shedder = Shedder.of(self.flags, retry_after_s=2)
         app = web.Application(middlewares=[shedding_middleware(self.shedder, classifier())])

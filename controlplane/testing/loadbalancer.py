@@ -15,6 +15,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from ssl import SSLContext
 
 import aiohttp
 
@@ -56,18 +57,25 @@ class SimLoadBalancer:
     token: str | None = None
     report_s: float = 1.0
     _reporter: Reporter | None = None
+    # For https agents: their CA (and a client certificate, for mutual TLS).
+    ssl: SSLContext | None = None
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=self._max_in_flight))
         self._stop = asyncio.Event()
-        follower = DecisionFollower(self.agents, self.apply, wait_s=10.0, retry_s=0.2)
+        follower = DecisionFollower(self.agents, self.apply, wait_s=10.0, retry_s=0.2, ssl=self.ssl)
         self._tasks = [
             spawn("lb follow decision", follower.run(self._stop)),
             spawn("lb send traffic", self._send()),
         ]
         if self.report_as is not None:
             self._reporter = Reporter(
-                self.agents, self.report_as, "simulated", heartbeat_s=self.report_s, token=self.token
+                self.agents,
+                self.report_as,
+                "simulated",
+                heartbeat_s=self.report_s,
+                token=self.token,
+                ssl=self.ssl,
             )
             self._tasks.append(spawn("lb report", self._reporter.run(self._stop)))
 

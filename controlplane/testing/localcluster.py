@@ -25,6 +25,7 @@ import re
 import secrets
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -32,15 +33,19 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 import yaml
 
+from controlplane.client.tls import client_context
 from controlplane.testing.backend import SimBackend
 from controlplane.testing.faultproxy import FaultProxy, ProxyMesh
 from controlplane.testing.ports import free_port, release
 from controlplane.testing.reading import HTTP_TIMEOUT, AgentsReader
+
+if TYPE_CHECKING:  # the harness runs without the cryptography package unless TLS is on
+    from controlplane.testing.tls import Certificates
 
 DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # package data
 
@@ -163,10 +168,11 @@ class AgentProcess:
     data_dir: Path
     log_path: Path
     proc: subprocess.Popen[bytes] | None = None
+    scheme: str = "http"  # https when the cluster serves TLS
 
     @property
     def url(self) -> str:
-        return f"http://{self.http}"
+        return f"{self.scheme}://{self.http}"
 
     @property
     def alive(self) -> bool:
@@ -183,6 +189,10 @@ class LocalCluster(AgentsReader):
     `observer_paths` maps an agent id to regions that this agent (only) probes through
     fault proxies of its own, so that `cut_observer` can cut its view of a region while
     the other agents still reach the same backends.
+
+    `tls` (`testing.tls.make_certificates`): every agent serves HTTPS with its server
+    certificate, and with `mutual_tls` requires a client certificate signed by its CA;
+    the cluster's own reads trust that CA and present its client certificate.
     """
 
     config: dict[str, Any]
@@ -198,6 +208,8 @@ class LocalCluster(AgentsReader):
     observer_paths: Mapping[str, Iterable[str]] = field(default_factory=dict)
     target_proxies: dict[tuple[str, str], list[FaultProxy]] = field(default_factory=dict)
     agent_config_paths: dict[str, Path] = field(default_factory=dict)
+    tls: Certificates | None = None
+    mutual_tls: bool = False
     _own_workdir: bool = False
     _session: aiohttp.ClientSession | None = None
 
@@ -225,9 +237,16 @@ class LocalCluster(AgentsReader):
             self._own_workdir = True
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.config = {**self.config, "data_dir": str(self.workdir / "data")}
+        if self.tls is not None:
+            tls = {"cert_file": str(self.tls.server.cert_file), "key_file": str(self.tls.server.key_file)}
+            if self.mutual_tls:
+                tls["client_ca_file"] = str(self.tls.ca_file)
+            self.config["api"] = {**self.config.get("api", {}), "tls": tls}
         self.config_path = self.workdir / "cluster.yaml"
         self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False), encoding="utf-8")
-        self._session = aiohttp.ClientSession(timeout=HTTP_TIMEOUT)
+        context = self.client_ssl
+        connector = aiohttp.TCPConnector(ssl=context) if context is not None else None
+        self._session = aiohttp.ClientSession(timeout=HTTP_TIMEOUT, connector=connector)
         await self.start_backends()
         await self._start_observer_paths()
         if self.with_proxies:
@@ -242,10 +261,22 @@ class LocalCluster(AgentsReader):
                 raft=a["raft"],
                 data_dir=self.workdir / "data" / a["id"],
                 log_path=self.workdir / f"{a['id']}.log",
+                scheme=self.scheme,
             )
         if agents:
             for agent_id in self.agents:
                 self.start_agent(agent_id)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
+    def client_ssl(self) -> ssl.SSLContext | None:
+        """A client context for these agents: their CA, and the client certificate; None without TLS."""
+        if self.tls is None:
+            return None
+        return client_context(self.tls.ca_file, self.tls.client.cert_file, self.tls.client.key_file)
 
     async def stop(self) -> None:
         for agent_id in list(self.agents):

@@ -8,12 +8,15 @@
 
 const TIMEOUT_MS = 2500;
 
-/** `http://host:port` of each member of `/v1/cluster` other than `self`. */
+/**
+ * `scheme://host:port` of each member of `/v1/cluster` other than `self`: every agent
+ * serves the scheme this page came over (HTTPS when the cluster has TLS on).
+ */
 export function peerOrigins(cluster, self) {
   const out = [];
   for (const member of (cluster && cluster.members) || []) {
     if (!member.http || member.id === self) continue;
-    out.push({ id: member.id, origin: `http://${member.http}` });
+    out.push({ id: member.id, origin: `${window.location.protocol}//${member.http}` });
   }
   return out;
 }

@@ -153,7 +153,7 @@ export function renderCluster(model) {
       el("th", { scope: "row" }, m.id, m.id === c.agent ? el("span", { class: "badge badge-self" }, "this page") : null),
       el("td", {}, m.leader ? el("span", { class: "badge badge-leader" }, "leader") : ""),
       el("td", {}, m.id === c.agent ? "self" : m.connected ? "connected" : el("span", { class: "bad" }, "not connected")),
-      el("td", {}, m.http ? el("a", { href: `http://${m.http}/ui/` }, m.http) : ""),
+      el("td", {}, m.http ? el("a", { href: `${window.location.protocol}//${m.http}/ui/` }, m.http) : ""),
     ),
   );
   fill(
