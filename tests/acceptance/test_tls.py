@@ -177,7 +177,8 @@ async def test_demo_serve_tls_prints_how_to_trust_its_ca(tmp_path: Path) -> None
             if line.strip().startswith("export CPCTL_")
         )
         assert exports["CPCTL_ENDPOINT"].startswith("https://127.0.0.1:"), text
-        assert f"curl -s --cacert {exports['CPCTL_CA_FILE']} {exports['CPCTL_ENDPOINT']}/v1/decision" in text
+        first = exports["CPCTL_ENDPOINT"].split(",")[0]
+        assert f"curl -s --cacert {exports['CPCTL_CA_FILE']} {first}/v1/decision" in text
         environment = {k: v for k, v in os.environ.items() if not k.startswith("CPCTL_")}
         done = await asyncio.to_thread(
             subprocess.run,

@@ -47,11 +47,13 @@ async def test_a_thousand_timeouts_share_a_few_timers_and_never_end_early() -> N
     loop = asyncio.get_running_loop()
     started = loop.time()
     waits = [asyncio.create_task(feed.wait_past(0, 0.2 + i * 0.0001)) for i in range(1000)]
-    await asyncio.sleep(0.05)
-    assert parked(feed) == (1000, 1000)
-    # 1,000 deadlines within 0.1 s of each other (plus the time to start 1,000 tasks):
-    # a handful of timers, one per grain, not 1,000.
-    assert len(feed._wheel) <= 0.15 / TIMER_GRAIN_S + 2
+    while parked(feed) != (1000, 1000):  # however long a loaded machine takes to start them
+        assert loop.time() - started < 0.19, parked(feed)
+        await asyncio.sleep(0.005)
+    spread = loop.time() - started
+    # 1,000 deadlines within 0.1 s of each other plus the time it took to start them: a
+    # handful of timers, one per grain, not 1,000.
+    assert len(feed._wheel) <= (0.1 + spread) / TIMER_GRAIN_S + 2
     results = await asyncio.gather(*waits)
     ended = loop.time()
     assert results == [None] * 1000
