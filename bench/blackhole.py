@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 
 from bench.common import add_common_args, bench_config, execute, loadavg, machine, percentiles, print_table
-from bench.failover import Follower, down_in, settle, weights_of
+from bench.failover import Follower, down_in, observations, settle, weights_of
 from bench.peers import FAULTS
 from controlplane.testing.localcluster import LocalCluster
 
@@ -57,13 +57,9 @@ async def trace_observations(
     """
     last: dict[str, tuple[Any, ...]] = {}
     while True:
-        try:
-            async with session.get(f"{url}/v1/observations") as r:
-                body = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            body = None
+        views = await observations(url, session)
         seen = round(time.time() - t0, 3)
-        for o in (body or {}).get("observations", []):
+        for o in views:
             if o["region"] != region:
                 continue
             key = f"{o['observer']}/{o['service']}"
@@ -114,12 +110,7 @@ async def wait_witnesses(url: str, session: aiohttp.ClientSession, timeout_s: fl
     start = time.monotonic()
     async with asyncio.timeout(timeout_s):
         while True:
-            try:
-                async with session.get(f"{url}/v1/observations") as r:
-                    body = await r.json(content_type=None)
-            except (aiohttp.ClientError, TimeoutError, ValueError):
-                body = None
-            views = (body or {}).get("observations", [])
+            views = await observations(url, session)
             steady = all(o["fresh"] and not o.get("impaired") and not o.get("inconclusive") for o in views)
             if views and steady:
                 return time.monotonic() - start

@@ -159,6 +159,16 @@ class Poller:
             self.seen.setdefault(agent, at)
 
 
+async def observations(url: str, session: aiohttp.ClientSession) -> list[dict[str, Any]]:
+    """An agent's `/v1/observations` (empty when it does not answer)."""
+    try:
+        async with session.get(f"{url}/v1/observations") as r:
+            body = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return []
+    return list((body or {}).get("observations", []))
+
+
 async def watch_observations(
     url: str,
     session: aiohttp.ClientSession,
@@ -169,12 +179,7 @@ async def watch_observations(
 ) -> None:
     """For each observer, the `at` of its first down observation of (region, services) after `after`."""
     while True:
-        try:
-            async with session.get(f"{url}/v1/observations") as r:
-                body = await r.json(content_type=None)
-        except (aiohttp.ClientError, TimeoutError, ValueError):
-            body = None
-        for o in (body or {}).get("observations", []):
+        for o in await observations(url, session):
             if o["region"] == region and o["service"] in services and not o["up"] and o["at"] >= after:
                 key = f"{o['observer']}/{o['service']}"
                 out[key] = min(out.get(key, o["at"]), o["at"])

@@ -63,16 +63,23 @@ def parse_duration(text: str) -> float:
     return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
 
 
-def _keep_for(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    """A click callback: a DURATION option's seconds (> 0), or a usage error naming it."""
     if value is None:
-        return
+        return None
     try:
         seconds = parse_duration(value)
     except ValueError as e:
         raise click.BadParameter(str(e), ctx, param) from None
     if seconds <= 0:
         raise click.BadParameter("must be longer than 0 s", ctx, param)
-    ctx.meta["for_s"] = seconds
+    return seconds
+
+
+def _keep_for(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+    seconds = duration_option(ctx, param, value)
+    if seconds is not None:
+        ctx.meta["for_s"] = seconds
 
 
 def standing_options(f: F) -> F:

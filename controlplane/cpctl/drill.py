@@ -28,7 +28,7 @@ from typing import Any
 import click
 
 from controlplane.cpctl import render
-from controlplane.cpctl.actions import SERVE_WAIT_S, confirm, parse_duration, require_terminal_or_yes
+from controlplane.cpctl.actions import SERVE_WAIT_S, confirm, duration_option, require_terminal_or_yes
 from controlplane.cpctl.commands import cli, current_decision, emit_json, pass_settings
 from controlplane.cpctl.drill_measure import Recorder, Timeline, stages, weight_timeline
 from controlplane.cpctl.drill_report import STAGE_WORDS, markdown, svg, verdict_line
@@ -61,27 +61,15 @@ drill.section = "Act"
 cli.add_command(drill)
 
 
-def _seconds(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        seconds = parse_duration(value)
-    except ValueError as e:
-        raise click.BadParameter(str(e), ctx, param) from None
-    if seconds <= 0:
-        raise click.BadParameter("must be longer than 0 s", ctx, param)
-    return seconds
-
-
 @command(drill, "start", section="Act")
 @click.argument("region")
 @click.option("-s", "--service", metavar="SERVICE", help="Drill only this service. Default: every service.")
 @click.option(
-    "--duration", default="5m", show_default=True, callback=_seconds, metavar="DURATION",
+    "--duration", default="5m", show_default=True, callback=duration_option, metavar="DURATION",
     help="How long the region stays out; it comes back by itself then, whatever happens to cpctl.",
 )  # fmt: skip
 @click.option(
-    "--objective", default="90s", show_default=True, callback=_seconds, metavar="DURATION",
+    "--objective", default="90s", show_default=True, callback=duration_option, metavar="DURATION",
     help="The recovery time objective the RTO is judged against.",
 )  # fmt: skip
 @click.option(

@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,21 +25,16 @@ import pytest
 
 from tests.acceptance.lb_fixtures import (
     FAILED,
-    HAProxy,
-    Nginx,
     StartCluster,
     Traffic,
-    agent_args,
-    backend_addresses,
     every_agent,
 )
 from tests.acceptance.test_lb_cpctl import CPCTL
-from tests.acceptance.test_lb_haproxy import haproxy_adapter
-from tests.acceptance.test_lb_nginx import nginx_adapter
 from tests.acceptance.test_lb_reports import (
     HAPROXY_NAME,
+    LB_TOKEN,
     NGINX_NAME,
-    REPORT_S,
+    reporting_lbs,
     reports_config,
     until_every_agent,
 )
@@ -55,28 +49,10 @@ IN_FLIGHT_SLACK_S = 0.5
 async def test_a_drill_moves_real_traffic_and_its_rto_is_when_the_lbs_applied_it(
     cluster: StartCluster, measure: Callable[[str], None], tmp_path: Path
 ) -> None:
-    lb_token = secrets.token_hex(16)
-    c = await cluster(reports_config(), extra_env={"CONTROLPLANE_LB_TOKEN": lb_token})
-    (tmp_path / "haproxy").mkdir()
-    (tmp_path / "nginx").mkdir()
-    hap = HAProxy(tmp_path / "haproxy", backend_addresses(c))
-    ngx = Nginx(tmp_path / "nginx", backend_addresses(c))
-    report_args = ("--token", lb_token, "--report-s", str(REPORT_S))
-    agents = agent_args(c)
-    adapters = [
-        haproxy_adapter(tmp_path / "haproxy", agents, hap, *report_args, "--name", HAPROXY_NAME),
-        nginx_adapter(tmp_path / "nginx", agents, ngx, *report_args, "--name", NGINX_NAME),
-    ]
+    c = await cluster(reports_config(), extra_env={"CONTROLPLANE_LB_TOKEN": LB_TOKEN})
     report = tmp_path / "drill.md"
     async with contextlib.AsyncExitStack() as cleanup:
-        cleanup.push_async_callback(ngx.stop)
-        cleanup.push_async_callback(hap.stop)
-        for adapter in adapters:
-            cleanup.push_async_callback(adapter.stop)
-        await hap.start()
-        await ngx.start()
-        for adapter in adapters:
-            adapter.start()
+        hap, ngx, _ = await reporting_lbs(c, tmp_path, cleanup)
         healthy = await every_agent(c, lambda d: True, "a decision on every agent")
 
         def in_sync(view: dict[str, dict[str, Any]]) -> bool:

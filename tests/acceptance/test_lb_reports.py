@@ -26,6 +26,7 @@ from controlplane.testing.localcluster import LocalCluster
 from tests.acceptance.lb_fixtures import (
     FAILED,
     SERVICE,
+    Adapter,
     HAProxy,
     Nginx,
     StartCluster,
@@ -58,6 +59,36 @@ def reports_config() -> dict[str, Any]:
     }
     config["api"] = {**config.get("api", {}), "lb_report_min_expiry_s": MIN_EXPIRY_S}
     return config
+
+
+LB_TOKEN = secrets.token_hex(16)
+
+
+async def reporting_lbs(
+    c: LocalCluster, tmp_path: Path, cleanup: contextlib.AsyncExitStack
+) -> tuple[HAProxy, Nginx, list[Adapter]]:
+    """A real HAProxy and a real nginx in front of `order`, each with its adapter reporting
+    every REPORT_S with the `lb` token as HAPROXY_NAME / NGINX_NAME; all started, and all
+    stopped by `cleanup` in reverse order whatever fails (a stop included)."""
+    (tmp_path / "haproxy").mkdir()
+    (tmp_path / "nginx").mkdir()
+    hap = HAProxy(tmp_path / "haproxy", backend_addresses(c))
+    ngx = Nginx(tmp_path / "nginx", backend_addresses(c))
+    report = ("--token", LB_TOKEN, "--report-s", str(REPORT_S))
+    agents = agent_args(c)
+    adapters = [
+        haproxy_adapter(tmp_path / "haproxy", agents, hap, *report, "--name", HAPROXY_NAME),
+        nginx_adapter(tmp_path / "nginx", agents, ngx, *report, "--name", NGINX_NAME),
+    ]
+    cleanup.push_async_callback(ngx.stop)
+    cleanup.push_async_callback(hap.stop)
+    for adapter in adapters:
+        cleanup.push_async_callback(adapter.stop)
+    await hap.start()
+    await ngx.start()
+    for adapter in adapters:
+        adapter.start()
+    return hap, ngx, adapters
 
 
 async def lbs_everywhere(cluster: LocalCluster) -> dict[str, dict[str, Any]]:
@@ -105,28 +136,9 @@ async def cpctl(cluster: LocalCluster, *args: str) -> subprocess.CompletedProces
 async def test_every_agent_sees_what_each_lb_applied_and_forgets_a_dead_one(
     cluster: StartCluster, measure: Callable[[str], None], tmp_path: Path
 ) -> None:
-    lb_token = secrets.token_hex(16)
-    c = await cluster(reports_config(), extra_env={"CONTROLPLANE_LB_TOKEN": lb_token})
-    (tmp_path / "haproxy").mkdir()
-    (tmp_path / "nginx").mkdir()
-    hap = HAProxy(tmp_path / "haproxy", backend_addresses(c))
-    ngx = Nginx(tmp_path / "nginx", backend_addresses(c))
-    report = ("--token", lb_token, "--report-s", str(REPORT_S))
-    agents = agent_args(c)
-    adapters = [
-        haproxy_adapter(tmp_path / "haproxy", agents, hap, *report, "--name", HAPROXY_NAME),
-        nginx_adapter(tmp_path / "nginx", agents, ngx, *report, "--name", NGINX_NAME),
-    ]
+    c = await cluster(reports_config(), extra_env={"CONTROLPLANE_LB_TOKEN": LB_TOKEN})
     async with contextlib.AsyncExitStack() as cleanup:
-        # Every process is stopped, in reverse order, whatever fails (a stop included).
-        cleanup.push_async_callback(ngx.stop)
-        cleanup.push_async_callback(hap.stop)
-        for adapter in adapters:
-            cleanup.push_async_callback(adapter.stop)
-        await hap.start()
-        await ngx.start()
-        for adapter in adapters:
-            adapter.start()
+        _, _, adapters = await reporting_lbs(c, tmp_path, cleanup)
         healthy = await every_agent(c, lambda d: True, "a decision on every agent")
 
         def both_applied(revision: int) -> Callable[[dict[str, dict[str, Any]]], bool]:

@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import datetime
-import ipaddress
 import pathlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -465,83 +463,17 @@ async def test_username_and_password_are_required_and_survive_an_etcd_restart(ow
 
 
 def make_certificates(directory: pathlib.Path) -> LocalEtcdTls:
-    """A CA, a server certificate for 127.0.0.1 and a client pair, all signed by the CA."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    """A throwaway CA, a server pair for 127.0.0.1 and a client pair (the harness's own)."""
+    from controlplane.testing.tls import make_certificates as make
 
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(common: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def write(stem: str, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> tuple[pathlib.Path, ...]:
-        key_file, cert_file = directory / f"{stem}.key", directory / f"{stem}.crt"
-        key_file.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        return cert_file, key_file
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("test-ca"))
-        .issuer_name(name("test-ca"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
+    certs = make(directory)
+    return LocalEtcdTls(
+        certs.ca_file,
+        certs.server.cert_file,
+        certs.server.key_file,
+        certs.client.cert_file,
+        certs.client.key_file,
     )
-
-    def leaf(
-        common: str, usage: x509.ObjectIdentifier
-    ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name(common))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        return key, cert
-
-    directory.mkdir(parents=True, exist_ok=True)
-    ca_file = directory / "ca.crt"
-    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    server_cert, server_key = write("server", *leaf("etcd", ExtendedKeyUsageOID.SERVER_AUTH))
-    client_cert, client_key = write("client", *leaf("agent", ExtendedKeyUsageOID.CLIENT_AUTH))
-    return LocalEtcdTls(ca_file, server_cert, server_key, client_cert, client_key)
 
 
 async def test_tls_with_a_client_certificate(tmp_path: pathlib.Path) -> None:
