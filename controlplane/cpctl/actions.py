@@ -1,7 +1,9 @@
 """cpctl's commands that change traffic, and `plan`, which only asks what would.
 
-Every action goes the same way: build the intent body of `POST /v1/intents`, ask the
-agent for the plan with that intent (`POST /v1/plan`, which commits nothing), show it,
+Every action goes the same way: build the intent body of `POST /v1/intents`, check that
+the write can succeed at all (the agent has quorum and the token's scope allows it:
+`GET /v1/whoami`), so that nobody confirms a plan only to be refused; ask the agent for
+the plan with that intent (`POST /v1/plan`, which commits nothing), show it,
 ask for confirmation (unless --yes; --dry-run stops here), commit it, then wait with
 blocking queries until the agent serves a decision that carries the intent, and show
 that. When cpctl returns 0 the change is in force on the agent it talked to.
@@ -23,7 +25,7 @@ import click
 
 from controlplane.cpctl import render
 from controlplane.cpctl.commands import cli, current_decision, emit_json, pass_settings
-from controlplane.cpctl.errors import CpctlError, UsageProblem
+from controlplane.cpctl.errors import CpctlError, Refused, UsageProblem
 from controlplane.cpctl.follow import follow
 from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import Settings, command, subgroup
@@ -108,6 +110,46 @@ def confirm(question: str) -> None:
         raise CpctlError("not confirmed: nothing was committed")
 
 
+# Scopes in the order they allow more (as the agents rank them).
+SCOPE_RANK = {"read": 0, "lb": 1, "operate": 2, "admin": 3}
+ADMIN_KINDS = frozenset({"freeze", "unfreeze"})
+
+
+def needed_scope(kind: str) -> str:
+    return "admin" if kind in ADMIN_KINDS else "operate"
+
+
+def check_may_write(client: Client, before: dict[str, Any], what: str, scope: str) -> None:
+    """Refuse, in one line and before any plan is shown, a write that cannot succeed.
+
+    The agent that served `before` has lost quorum (cpctl asks the others first, so none
+    of them has it): nothing can commit. The token is unknown, or its scope too small.
+    An agent without `GET /v1/whoami` (older) is not asked about the token.
+    """
+    if before.get("stale"):
+        stale_s = before.get("stale_s")
+        age = f" for {render.ago(float(stale_s))}" if isinstance(stale_s, int | float) else ""
+        raise CpctlError(
+            f"cannot {what}: {before.get('served_by')} has lost quorum{age} and no agent given has it, "
+            "so nothing can commit; nothing was asked (see `cpctl status`)"
+        )
+    try:
+        me = client.get("/v1/whoami").body
+    except Refused as e:
+        if e.status == 404:
+            return
+        raise CpctlError(f"cannot {what}: {e.message}") from None
+    has = str(me.get("scope"))
+    if SCOPE_RANK.get(has, -1) >= SCOPE_RANK[scope]:
+        return
+    if not client.token:
+        raise CpctlError(
+            f"cannot {what}: missing bearer token, and this needs scope {scope}; "
+            "cpctl sent no token: set CPCTL_TOKEN or use --token-file"
+        )
+    raise CpctlError(f"cannot {what}: token {me.get('name')} has scope {has}; this needs {scope} or above")
+
+
 def wait_served(client: Client, seq: int, revision: int | None) -> tuple[dict[str, Any], bool]:
     """The decision served once it carries intent `seq` (blocking queries, bounded).
 
@@ -137,6 +179,8 @@ def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, d
         what = f"{what} for {render.ago(for_s)}"
     client = settings.client()
     before = current_decision(client)
+    if not dry_run:
+        check_may_write(client, before, what, needed_scope(str(body["kind"])))
     planned = client.post("/v1/plan", {"intents": [body]}, idempotent=True).body
     out = render.make_console()
     if dry_run:
@@ -188,6 +232,7 @@ def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, d
         out.print(render.weights_table(served, before=before, services=services or None))
         for line in render.flags_lines(served):
             out.print(line)
+        out.print(render.reasons_block(served))
     if not in_force:
         raise CpctlError(
             f"intent {answer['id']} is committed, but {served.get('served_by')} did not serve a "
@@ -394,8 +439,8 @@ intent = subgroup(cli, "intent", "Act", "Remove a standing intent (see `cpctl in
 def intent_rm(settings: Settings, intent_id: str, reason: str, yes: bool, dry_run: bool) -> None:
     """Remove standing intent ID; automation decides again.
 
-    IDs are listed by `cpctl intents`. The API has no plan for a removal, so the intent
-    itself is shown before asking.
+    IDs are listed by `cpctl intents`. The intent and the plan without it (what would
+    change) are shown before asking.
 
     \b
     Example:
@@ -403,25 +448,33 @@ def intent_rm(settings: Settings, intent_id: str, reason: str, yes: bool, dry_ru
     """
     require_terminal_or_yes(yes, dry_run)
     client = settings.client()
+    before = current_decision(client)
     standing = client.get("/v1/intents").body
     found = next((i for i in standing.get("intents", []) if i.get("id") == intent_id), None)
+    what = f"remove intent {intent_id}"
+    if found is not None:
+        what += f" ({found.get('kind')} {render.intent_target(found)})"
+        if not dry_run:
+            check_may_write(client, before, what, needed_scope(str(found.get("kind"))))
+    planned = removal_plan(client, intent_id) if found is not None else None
     out = render.make_console(stderr=settings.json)
     if found is not None and not (yes and settings.json):
         out.print(
             f"Remove intent {intent_id}: {found.get('kind')} {render.intent_target(found)} "
             f"by {found.get('who')} ({found.get('reason')})"
         )
+        if planned is not None:
+            out.print(render.plan(before, planned, what))
     if dry_run:
         if found is None:
             raise CpctlError(f"no standing intent {intent_id}: see `cpctl intents`")
         if settings.json:
-            emit_json({"would_remove": found, "committed": False})
+            emit_json({"would_remove": found, "committed": False, "plan": planned})
         else:
             out.print("dry run: nothing removed", style="dim")
         return
     if not yes:
         confirm(f"Remove intent {intent_id}?")
-    before = current_decision(client)
     removed = client.delete(f"/v1/intents/{intent_id}", {"reason": reason}).body
     # DELETE answers with the removed intent only; the removal took the next intent seq,
     # which the agent that answered reports once it has applied it.
@@ -444,6 +497,17 @@ def intent_rm(settings: Settings, intent_id: str, reason: str, yes: bool, dry_ru
         render.make_console().print(render.weights_table(served, before=before))
     if not in_force:
         raise CpctlError(f"intent {intent_id} is removed, but the decision without it is not served yet")
+
+
+def removal_plan(client: Client, intent_id: str) -> dict[str, Any] | None:
+    """The plan without standing intent `intent_id`; None from an agent that cannot plan a removal."""
+    try:
+        planned: dict[str, Any] = client.post("/v1/plan", {"remove": [intent_id]}, idempotent=True).body
+    except Refused as e:
+        if e.status == 400 and "remove" in e.detail:  # an older agent: no `remove` in its PlanBody
+            return None
+        raise
+    return planned
 
 
 @command(cli, "plan")
