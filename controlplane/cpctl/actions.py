@@ -14,7 +14,6 @@ forgot --yes gets a usage error at once instead of hanging on a prompt nobody se
 
 from __future__ import annotations
 
-import re
 import secrets
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any, TypeVar
 
 import click
 
-from controlplane.cpctl import render
+from controlplane.cpctl import complete, render, when
 from controlplane.cpctl.commands import cli, current_decision, emit_json, pass_settings
 from controlplane.cpctl.errors import CpctlError, Refused, UsageProblem
 from controlplane.cpctl.follow import follow
@@ -31,6 +30,9 @@ from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import Settings, command, subgroup
 
 SERVE_WAIT_S = 30.0
+
+# Kept here too: drill.py takes it from this module.
+parse_duration = when.parse_duration
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -47,22 +49,6 @@ def action_options(f: F) -> F:
         help="Why: recorded with the change and shown in history.",
     )(f)
     return f
-
-
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from `90`, `90s`, `30m`, `2h`, `1d` or `1h30m`; `ValueError` otherwise."""
-    text = text.strip().lower()
-    if not text:
-        raise ValueError("empty duration")
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"expected a duration such as 90s, 30m, 2h or 1h30m (got {text!r})")
-    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
 
 
 def _keep_for(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
@@ -246,9 +232,13 @@ def scope(region: str, service: str | None) -> str:
 
 
 @command(cli, "drain", section="Act")
-@click.argument("region")
+@click.argument("region", shell_complete=complete.regions)
 @click.option(
-    "-s", "--service", metavar="SERVICE", help="Drain only this service. Default: every service in REGION."
+    "-s",
+    "--service",
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="Drain only this service. Default: every service in REGION.",
 )
 @standing_options
 @action_options
@@ -271,9 +261,13 @@ def drain(
 
 
 @command(cli, "undrain", section="Act")
-@click.argument("region")
+@click.argument("region", shell_complete=complete.regions)
 @click.option(
-    "-s", "--service", metavar="SERVICE", help="Undrain only this service. Default: every service in REGION."
+    "-s",
+    "--service",
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="Undrain only this service. Default: every service in REGION.",
 )
 @action_options
 @pass_settings
@@ -294,11 +288,27 @@ def undrain(
 
 @command(cli, "failover", section="Act")
 @click.option(
-    "--from", "from_region", required=True, metavar="REGION", help="The region to move traffic off."
+    "--from",
+    "from_region",
+    required=True,
+    metavar="REGION",
+    shell_complete=complete.regions,
+    help="The region to move traffic off.",
 )
-@click.option("--to", "to_region", required=True, metavar="REGION", help="The region that takes it.")
 @click.option(
-    "-s", "--service", metavar="SERVICE", help="Fail over only this service. Default: every service."
+    "--to",
+    "to_region",
+    required=True,
+    metavar="REGION",
+    shell_complete=complete.regions,
+    help="The region that takes it.",
+)
+@click.option(
+    "-s",
+    "--service",
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="Fail over only this service. Default: every service.",
 )
 @standing_options
 @action_options
@@ -344,7 +354,14 @@ def parse_weights(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 @command(cli, "override", section="Act")
-@click.option("-s", "--service", required=True, metavar="SERVICE", help="The service whose weights to set.")
+@click.option(
+    "-s",
+    "--service",
+    required=True,
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="The service whose weights to set.",
+)
 @click.option(
     "-w",
     "--weights",
@@ -377,7 +394,7 @@ feature = subgroup(cli, "feature", "Act", "Switch a feature off or on for every 
 
 
 @command(feature, "disable", section="Act")
-@click.argument("name")
+@click.argument("name", shell_complete=complete.features)
 @standing_options
 @action_options
 @pass_settings
@@ -395,7 +412,7 @@ def feature_disable(settings: Settings, name: str, reason: str, yes: bool, dry_r
 
 
 @command(feature, "enable", section="Act")
-@click.argument("name")
+@click.argument("name", shell_complete=complete.features)
 @standing_options
 @action_options
 @pass_settings
@@ -518,6 +535,7 @@ def removal_plan(client: Client, intent_id: str) -> dict[str, Any] | None:
     multiple=True,
     required=True,
     metavar="REGION",
+    shell_complete=complete.regions,
     help="A region to suppose down (repeat for several).",
 )
 @pass_settings

@@ -19,6 +19,7 @@ SHAPES: dict[tuple[str, str], dict[str, type]] = {
     ("GET", r"/v1/decision"): {"revision": int, "services": dict, "features": dict},
     ("GET", r"/v1/cluster"): {"members": list},
     ("GET", r"/v1/regions"): {"regions": list},
+    ("GET", r"/v1/features"): {"features": dict},
     ("GET", r"/v1/intents"): {"intents": list, "intent_seq": int},
     ("POST", r"/v1/intents"): {"id": str, "seq": int},
     ("DELETE", r"/v1/intents/[^/]+"): {"removed": dict},

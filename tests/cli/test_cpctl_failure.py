@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from datetime import UTC, datetime
 
 import pytest
 
@@ -198,3 +199,65 @@ def test_intent_rm_shows_what_the_removal_would_change(restored: Live) -> None:
     live.wait_all(
         lambda d: d["services"]["order"]["cn-east"]["weight"] == base_east, "cn-east/order back at its base"
     )
+
+
+# -- history --before ----------------------------------------------------------------------------
+
+
+def test_history_before_takes_a_duration_ago_or_an_iso_time(live: Live) -> None:
+    newest = live.get(live.ids[0], "/v1/history?limit=1")["entries"][0]["at"]
+    # Long ago: nothing older. A moment after the newest entry: the newest is included.
+    for when in ("3650d", "1970-01-02T00:00:00Z", "1970-01-02T00:00:00", "86400"):
+        assert live.cpctl_json("history", "--before", when)["entries"] == [], when
+    after_newest = datetime.fromtimestamp(newest + 1, UTC).isoformat()
+    for when in (after_newest, after_newest.replace("+00:00", "Z"), str(newest + 1)):
+        entries = live.cpctl_json("history", "--before", when, "-n", "1")["entries"]
+        assert [e["at"] for e in entries] == [newest], when
+    done = live.cpctl("history", "--before", "yesterday")
+    assert done.returncode == 2 and "--before" in done.stderr and "ISO 8601" in done.stderr, done.stderr
+
+
+# -- shell completion --------------------------------------------------------------------------------
+
+
+def complete(live: Live, *words: str, endpoints: str | None = None) -> list[str]:
+    """What bash completion offers for the last of `words`, through click's env-var protocol."""
+    env = live.env({"_CPCTL_COMPLETE": "bash_complete", "COMP_WORDS": " ".join(["cpctl", *words])})
+    env["COMP_CWORD"] = str(len(words))
+    if endpoints is not None:
+        env["CPCTL_ENDPOINT"] = endpoints
+    done = subprocess.run([CPCTL], env=env, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    return [line.split(",", 1)[1] for line in done.stdout.splitlines() if line]
+
+
+def test_completion_offers_the_clusters_names(live: Live) -> None:
+    assert complete(live, "drain", "") == ["cn-east", "cn-south", "cn-north"]
+    assert complete(live, "drain", "cn-s") == ["cn-south"]
+    assert complete(live, "failover", "--from", "cn-east", "--to", "cn-n") == ["cn-north"]
+    assert complete(live, "plan", "--fail", "") == ["cn-east", "cn-south", "cn-north"]
+    assert sorted(complete(live, "drain", "cn-east", "--service", "")) == ["gateway", "inventory", "order"]
+    assert complete(live, "weights", "inv") == ["inventory"]
+    features = complete(live, "feature", "disable", "")
+    assert "comments" in features and "likes" in features
+    # The endpoints given on the command line are the ones asked.
+    assert complete(live, "-e", live.url(live.ids[1]), "undrain", "cn-e", endpoints="127.0.0.1:1") == [
+        "cn-east"
+    ]
+    # No agent: no suggestions, and nothing on the terminal.
+    with fake_agent(hung) as stuck:
+        assert complete(live, "drain", "", endpoints=stuck) == []
+    assert complete(live, "drain", "", endpoints="127.0.0.1:1") == []
+
+
+def test_the_completion_script_is_printed_for_bash_and_zsh(live: Live) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        done = subprocess.run(
+            [CPCTL],
+            env=live.env({"_CPCTL_COMPLETE": f"{shell}_source"}),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0 and "_CPCTL_COMPLETE" in done.stdout, (shell, done.stderr)
