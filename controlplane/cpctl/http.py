@@ -103,13 +103,23 @@ class _DeadlineReader(io.RawIOBase):
 
     A socket timeout bounds each read only; checking the clock before every read bounds
     the sum, whatever the server trickles.
+
+    `holder` is the file `HTTPResponse` opened on the socket: it holds the socket open
+    (`socket.makefile` counts its files) after the connection lets go of it, which it
+    does when the server will close (HTTP/1.0); it is closed with this reader.
     """
 
     def __init__(
-        self, sock: socket.socket, first_byte_by: float, answer_by: float, late: tuple[str, str]
+        self,
+        sock: socket.socket,
+        holder: io.IOBase,
+        first_byte_by: float,
+        answer_by: float,
+        late: tuple[str, str],
     ) -> None:
         super().__init__()
         self._sock = sock
+        self._holder = holder
         self._first_byte_by = first_byte_by
         self._answer_by = answer_by
         self._late_texts = late  # (no first byte, not whole)
@@ -117,6 +127,10 @@ class _DeadlineReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        self._holder.close()
+        super().close()
 
     def readinto(self, buffer: WriteableBuffer) -> int:
         by = self._answer_by if self._started else self._first_byte_by
@@ -143,8 +157,8 @@ def _timed_response(
     class TimedResponse(http.client.HTTPResponse):
         def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
             super().__init__(sock, *args, **kwargs)
-            self.fp.close()
-            self.fp = io.BufferedReader(_DeadlineReader(sock, first_byte_by, answer_by, late))
+            reader = _DeadlineReader(sock, self.fp, first_byte_by, answer_by, late)
+            self.fp = io.BufferedReader(reader)
 
     return TimedResponse
 

@@ -7,6 +7,7 @@ naming it, never with an empty table.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from datetime import UTC, datetime
@@ -261,3 +262,14 @@ def test_the_completion_script_is_printed_for_bash_and_zsh(live: Live) -> None:
             check=False,
         )
         assert done.returncode == 0 and "_CPCTL_COMPLETE" in done.stdout, (shell, done.stderr)
+
+
+def test_an_answer_from_a_server_that_closes_after_it_is_read_whole(live: Live) -> None:
+    # HTTP/1.0-style: the connection lets go of the socket once the head is read; the
+    # body (large, so it takes many reads) must still come through the deadline reader.
+    body = b'{"intents": [], "intent_seq": 7, "padding": "' + b"x" * 500_000 + b'"}'
+    with fake_agent(answering(body)) as closing:
+        for _ in range(3):
+            done = live.cpctl("-o", "json", "intents", "-e", closing)
+            assert done.returncode == 0, done.stderr
+            assert json.loads(done.stdout)["intent_seq"] == 7
