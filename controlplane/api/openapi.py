@@ -104,6 +104,7 @@ def build() -> dict[str, Any]:
         s.LbOut,
         s.LbsOut,
         s.IntentRemoved,
+        s.WhoamiOut,
         s.DrillRecordBody,
         s.DrillRecordOut,
         s.DrillRecordsOut,
@@ -173,6 +174,7 @@ def build() -> dict[str, Any]:
             ],
         ),
         "/v1/cluster": _get("Members, leader, term, commit index", s.ClusterOut),
+        "/v1/whoami": _get("Who the bearer token acts as: its name and scope", s.WhoamiOut),
         "/v1/intents": {
             **_get("Standing operator intents", s.IntentsOut),
             "post": {
@@ -206,7 +208,8 @@ def build() -> dict[str, Any]:
         },
         "/v1/plan": {
             "post": {
-                "summary": "What-if: the decision if regions failed or intents were committed",
+                "summary": "What-if: the decision if regions failed, intents were committed "
+                "or standing ones removed",
                 "requestBody": {"required": True, "content": {JSON: {"schema": _ref(s.PlanBody)}}},
                 "responses": {
                     "200": _answer("The planned decision; nothing committed", s.PlanOut),

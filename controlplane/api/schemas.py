@@ -146,6 +146,8 @@ class PlanBody(BaseModel):
 
     fail: Annotated[list[NameStr], Field(max_length=64)] = []
     intents: Annotated[list[IntentBody], Field(max_length=16)] = []
+    # Ids of standing intents to suppose removed (what `DELETE /v1/intents/{id}` would do).
+    remove: Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=16)] = []
 
 
 class DeleteIntentBody(BaseModel):
@@ -302,6 +304,13 @@ class IntentAccepted(BaseModel):
     detail: str | None = None
     # Cluster time when the agent took it (`cpctl drill` measures its clock offset with it).
     created_at: float | None = None
+
+
+class WhoamiOut(BaseModel):
+    """Who the presented token acts as: its name and scope (`anonymous`/`read` without one)."""
+
+    name: str
+    scope: Literal["read", "lb", "operate", "admin"]
 
 
 class IntentRemoved(BaseModel):

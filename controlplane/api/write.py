@@ -1,4 +1,4 @@
-"""Write routes: operator intents and what-if plans.
+"""Write routes: operator intents and what-if plans (and `whoami`, which a client asks first).
 
 A write is checked on the agent that receives it, against its view of the committed
 state: the body (shape, kinds, sizes), the names (regions, services, features), and the
@@ -7,6 +7,9 @@ refused with 409). Only then is it submitted to the store, which commits it thro
 consensus from any member (a Raft follower forwards it to the leader; without quorum it
 fails with 503 and nothing changes). The answer waits, bounded, for the decision
 revision that carries the intent, so the caller knows when the change is in force.
+
+A plan may also suppose standing intents removed (`remove`), so that a removal can be
+shown before it is confirmed, like any other change.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from controlplane.api.schemas import (
     PlanBody,
     UndrainBody,
 )
-from controlplane.errors import Rejected, Unsafe
+from controlplane.errors import NotFound, Rejected, Unsafe
 from controlplane.intents import apply_intent
 from controlplane.model import Intent, IntentKind, intent_to_json
 from controlplane.plan import changes, check_names, check_safe, plan
@@ -202,6 +205,12 @@ async def delete_intent(request: web.Request) -> web.StreamResponse:
     return json_response({"removed": intent_to_json(removed), "revision": revision})
 
 
+async def whoami(request: web.Request) -> web.StreamResponse:
+    """Read-only: lets a client check a token's scope before it asks a person to confirm a write."""
+    principal = require(request, Scope.READ)
+    return json_response({"name": principal.name, "scope": str(principal.scope)})
+
+
 async def list_intents(request: web.Request) -> web.StreamResponse:
     require(request, Scope.READ)
     state = request.app[NODE].state()
@@ -226,6 +235,13 @@ async def post_plan(request: web.Request) -> web.StreamResponse:
     for intent in intents:
         check_names(policy, intent)
     state = node.state()
+    missing = sorted(set(parsed.remove) - set(state.intents))
+    if missing:
+        raise NotFound("no such standing intent", f"remove names {', '.join(missing)}, which do not stand")
+    if parsed.remove:
+        # Planned as if `DELETE /v1/intents/{id}` had removed them first.
+        kept = {k: v for k, v in state.intents.items() if k not in parsed.remove}
+        state = replace(state, intents=kept)
     refusals = []
     so_far = state
     for intent in intents:
@@ -251,3 +267,4 @@ def add_routes(app: web.Application) -> None:
     app.router.add_post("/v1/intents", post_intent)
     app.router.add_delete("/v1/intents/{intent_id}", delete_intent)
     app.router.add_post("/v1/plan", post_plan)
+    app.router.add_get("/v1/whoami", whoami)

@@ -8,7 +8,8 @@ traceback (`--debug` shows one for an unexpected error):
     0  done
     1  refused by the agent (its error and detail are shown), or not confirmed
     2  usage error (a bad option, or a confirmation asked of something not a terminal)
-    3  no agent reachable (or one went away after a write was sent)
+    3  no agent reachable, or none answered as an agent does (or one went away after a
+       write was sent)
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """cpctl's commands that change traffic, and `plan`, which only asks what would.
 
-Every action goes the same way: build the intent body of `POST /v1/intents`, ask the
-agent for the plan with that intent (`POST /v1/plan`, which commits nothing), show it,
+Every action goes the same way: build the intent body of `POST /v1/intents`, check that
+the write can succeed at all (the agent has quorum and the token's scope allows it:
+`GET /v1/whoami`), so that nobody confirms a plan only to be refused; ask the agent for
+the plan with that intent (`POST /v1/plan`, which commits nothing), show it,
 ask for confirmation (unless --yes; --dry-run stops here), commit it, then wait with
 blocking queries until the agent serves a decision that carries the intent, and show
 that. When cpctl returns 0 the change is in force on the agent it talked to.
@@ -12,7 +14,6 @@ forgot --yes gets a usage error at once instead of hanging on a prompt nobody se
 
 from __future__ import annotations
 
-import re
 import secrets
 import sys
 import time
@@ -21,14 +22,17 @@ from typing import Any, TypeVar
 
 import click
 
-from controlplane.cpctl import render
+from controlplane.cpctl import complete, render, when
 from controlplane.cpctl.commands import cli, current_decision, emit_json, pass_settings
-from controlplane.cpctl.errors import CpctlError, UsageProblem
+from controlplane.cpctl.errors import CpctlError, Refused, UsageProblem
 from controlplane.cpctl.follow import follow
 from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import Settings, command, subgroup
 
 SERVE_WAIT_S = 30.0
+
+# Kept here too: drill.py takes it from this module.
+parse_duration = when.parse_duration
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,22 +49,6 @@ def action_options(f: F) -> F:
         help="Why: recorded with the change and shown in history.",
     )(f)
     return f
-
-
-DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from `90`, `90s`, `30m`, `2h`, `1d` or `1h30m`; `ValueError` otherwise."""
-    text = text.strip().lower()
-    if not text:
-        raise ValueError("empty duration")
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return float(text)
-    parts = re.findall(r"(\d+(?:\.\d+)?)([smhd])", text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise ValueError(f"expected a duration such as 90s, 30m, 2h or 1h30m (got {text!r})")
-    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
 
 
 def duration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
@@ -115,6 +103,46 @@ def confirm(question: str) -> None:
         raise CpctlError("not confirmed: nothing was committed")
 
 
+# Scopes in the order they allow more (as the agents rank them).
+SCOPE_RANK = {"read": 0, "lb": 1, "operate": 2, "admin": 3}
+ADMIN_KINDS = frozenset({"freeze", "unfreeze"})
+
+
+def needed_scope(kind: str) -> str:
+    return "admin" if kind in ADMIN_KINDS else "operate"
+
+
+def check_may_write(client: Client, before: dict[str, Any], what: str, scope: str) -> None:
+    """Refuse, in one line and before any plan is shown, a write that cannot succeed.
+
+    The agent that served `before` has lost quorum (cpctl asks the others first, so none
+    of them has it): nothing can commit. The token is unknown, or its scope too small.
+    An agent without `GET /v1/whoami` (older) is not asked about the token.
+    """
+    if before.get("stale"):
+        stale_s = before.get("stale_s")
+        age = f" for {render.ago(float(stale_s))}" if isinstance(stale_s, int | float) else ""
+        raise CpctlError(
+            f"cannot {what}: {before.get('served_by')} has lost quorum{age} and no agent given has it, "
+            "so nothing can commit; nothing was asked (see `cpctl status`)"
+        )
+    try:
+        me = client.get("/v1/whoami").body
+    except Refused as e:
+        if e.status == 404:
+            return
+        raise CpctlError(f"cannot {what}: {e.message}") from None
+    has = str(me.get("scope"))
+    if SCOPE_RANK.get(has, -1) >= SCOPE_RANK[scope]:
+        return
+    if not client.token:
+        raise CpctlError(
+            f"cannot {what}: missing bearer token, and this needs scope {scope}; "
+            "cpctl sent no token: set CPCTL_TOKEN or use --token-file"
+        )
+    raise CpctlError(f"cannot {what}: token {me.get('name')} has scope {has}; this needs {scope} or above")
+
+
 def wait_served(client: Client, seq: int, revision: int | None) -> tuple[dict[str, Any], bool]:
     """The decision served once it carries intent `seq` (blocking queries, bounded).
 
@@ -144,6 +172,8 @@ def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, d
         what = f"{what} for {render.ago(for_s)}"
     client = settings.client()
     before = current_decision(client)
+    if not dry_run:
+        check_may_write(client, before, what, needed_scope(str(body["kind"])))
     planned = client.post("/v1/plan", {"intents": [body]}, idempotent=True).body
     out = render.make_console()
     if dry_run:
@@ -195,6 +225,7 @@ def run_action(settings: Settings, body: dict[str, Any], what: str, yes: bool, d
         out.print(render.weights_table(served, before=before, services=services or None))
         for line in render.flags_lines(served):
             out.print(line)
+        out.print(render.reasons_block(served))
     if not in_force:
         raise CpctlError(
             f"intent {answer['id']} is committed, but {served.get('served_by')} did not serve a "
@@ -208,9 +239,13 @@ def scope(region: str, service: str | None) -> str:
 
 
 @command(cli, "drain", section="Act")
-@click.argument("region")
+@click.argument("region", shell_complete=complete.regions)
 @click.option(
-    "-s", "--service", metavar="SERVICE", help="Drain only this service. Default: every service in REGION."
+    "-s",
+    "--service",
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="Drain only this service. Default: every service in REGION.",
 )
 @standing_options
 @action_options
@@ -233,9 +268,13 @@ def drain(
 
 
 @command(cli, "undrain", section="Act")
-@click.argument("region")
+@click.argument("region", shell_complete=complete.regions)
 @click.option(
-    "-s", "--service", metavar="SERVICE", help="Undrain only this service. Default: every service in REGION."
+    "-s",
+    "--service",
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="Undrain only this service. Default: every service in REGION.",
 )
 @action_options
 @pass_settings
@@ -256,11 +295,27 @@ def undrain(
 
 @command(cli, "failover", section="Act")
 @click.option(
-    "--from", "from_region", required=True, metavar="REGION", help="The region to move traffic off."
+    "--from",
+    "from_region",
+    required=True,
+    metavar="REGION",
+    shell_complete=complete.regions,
+    help="The region to move traffic off.",
 )
-@click.option("--to", "to_region", required=True, metavar="REGION", help="The region that takes it.")
 @click.option(
-    "-s", "--service", metavar="SERVICE", help="Fail over only this service. Default: every service."
+    "--to",
+    "to_region",
+    required=True,
+    metavar="REGION",
+    shell_complete=complete.regions,
+    help="The region that takes it.",
+)
+@click.option(
+    "-s",
+    "--service",
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="Fail over only this service. Default: every service.",
 )
 @standing_options
 @action_options
@@ -306,7 +361,14 @@ def parse_weights(ctx: click.Context, param: click.Parameter, value: str | None)
 
 
 @command(cli, "override", section="Act")
-@click.option("-s", "--service", required=True, metavar="SERVICE", help="The service whose weights to set.")
+@click.option(
+    "-s",
+    "--service",
+    required=True,
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="The service whose weights to set.",
+)
 @click.option(
     "-w",
     "--weights",
@@ -339,7 +401,7 @@ feature = subgroup(cli, "feature", "Act", "Switch a feature off or on for every 
 
 
 @command(feature, "disable", section="Act")
-@click.argument("name")
+@click.argument("name", shell_complete=complete.features)
 @standing_options
 @action_options
 @pass_settings
@@ -357,7 +419,7 @@ def feature_disable(settings: Settings, name: str, reason: str, yes: bool, dry_r
 
 
 @command(feature, "enable", section="Act")
-@click.argument("name")
+@click.argument("name", shell_complete=complete.features)
 @standing_options
 @action_options
 @pass_settings
@@ -401,8 +463,8 @@ intent = subgroup(cli, "intent", "Act", "Remove a standing intent (see `cpctl in
 def intent_rm(settings: Settings, intent_id: str, reason: str, yes: bool, dry_run: bool) -> None:
     """Remove standing intent ID; automation decides again.
 
-    IDs are listed by `cpctl intents`. The API has no plan for a removal, so the intent
-    itself is shown before asking.
+    IDs are listed by `cpctl intents`. The intent and the plan without it (what would
+    change) are shown before asking.
 
     \b
     Example:
@@ -410,25 +472,33 @@ def intent_rm(settings: Settings, intent_id: str, reason: str, yes: bool, dry_ru
     """
     require_terminal_or_yes(yes, dry_run)
     client = settings.client()
+    before = current_decision(client)
     standing = client.get("/v1/intents").body
     found = next((i for i in standing.get("intents", []) if i.get("id") == intent_id), None)
+    what = f"remove intent {intent_id}"
+    if found is not None:
+        what += f" ({found.get('kind')} {render.intent_target(found)})"
+        if not dry_run:
+            check_may_write(client, before, what, needed_scope(str(found.get("kind"))))
+    planned = removal_plan(client, intent_id) if found is not None else None
     out = render.make_console(stderr=settings.json)
     if found is not None and not (yes and settings.json):
         out.print(
             f"Remove intent {intent_id}: {found.get('kind')} {render.intent_target(found)} "
             f"by {found.get('who')} ({found.get('reason')})"
         )
+        if planned is not None:
+            out.print(render.plan(before, planned, what))
     if dry_run:
         if found is None:
             raise CpctlError(f"no standing intent {intent_id}: see `cpctl intents`")
         if settings.json:
-            emit_json({"would_remove": found, "committed": False})
+            emit_json({"would_remove": found, "committed": False, "plan": planned})
         else:
             out.print("dry run: nothing removed", style="dim")
         return
     if not yes:
         confirm(f"Remove intent {intent_id}?")
-    before = current_decision(client)
     removed = client.delete(f"/v1/intents/{intent_id}", {"reason": reason}).body
     # DELETE answers with the removed intent only; the removal took the next intent seq,
     # which the agent that answered reports once it has applied it.
@@ -453,6 +523,17 @@ def intent_rm(settings: Settings, intent_id: str, reason: str, yes: bool, dry_ru
         raise CpctlError(f"intent {intent_id} is removed, but the decision without it is not served yet")
 
 
+def removal_plan(client: Client, intent_id: str) -> dict[str, Any] | None:
+    """The plan without standing intent `intent_id`; None from an agent that cannot plan a removal."""
+    try:
+        planned: dict[str, Any] = client.post("/v1/plan", {"remove": [intent_id]}, idempotent=True).body
+    except Refused as e:
+        if e.status == 400 and "remove" in e.detail:  # an older agent: no `remove` in its PlanBody
+            return None
+        raise
+    return planned
+
+
 @command(cli, "plan")
 @click.option(
     "-f",
@@ -461,6 +542,7 @@ def intent_rm(settings: Settings, intent_id: str, reason: str, yes: bool, dry_ru
     multiple=True,
     required=True,
     metavar="REGION",
+    shell_complete=complete.regions,
     help="A region to suppose down (repeat for several).",
 )
 @pass_settings

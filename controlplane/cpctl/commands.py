@@ -16,11 +16,12 @@ from typing import Any
 import click
 
 from controlplane.client.following import Following, Served
-from controlplane.cpctl import render
+from controlplane.cpctl import complete, render
 from controlplane.cpctl.errors import CpctlError, Refused
 from controlplane.cpctl.follow import follow as follow_decisions
 from controlplane.cpctl.http import Client
 from controlplane.cpctl.options import CpctlGroup, Settings, command, global_options
+from controlplane.cpctl.when import parse_moment
 
 WATCH_WAIT_S = 30
 
@@ -118,7 +119,7 @@ def regions(settings: Settings) -> None:
 
 
 @command(cli, "weights")
-@click.argument("service", required=False)
+@click.argument("service", required=False, shell_complete=complete.services)
 @pass_settings
 def weights(settings: Settings, service: str | None) -> None:
     """The weights in force, of one SERVICE or of every service.
@@ -152,16 +153,35 @@ def weights(settings: Settings, service: str | None) -> None:
     render.make_console().print(render.weights_view(body, service))
 
 
+def _moment(ctx: click.Context, param: click.Parameter, value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return parse_moment(value, time.time())
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx, param) from None
+
+
 @command(cli, "history")
 @click.option(
     "-n", "--limit", type=click.IntRange(1, 10_000), default=20, show_default=True, help="Entries to show."
 )
 @click.option(
-    "--before", type=float, metavar="UNIX_TIME", help="Only entries older than this (to page back)."
+    "--before",
+    metavar="WHEN",
+    callback=_moment,
+    help="Only entries older than this (to page back): Unix seconds, a duration ago (2h, 30m) "
+    "or an ISO 8601 time (2026-11-27T10:00:00Z; UTC when it has no offset).",
 )
 @pass_settings
 def history(settings: Settings, limit: int, before: float | None) -> None:
-    """Decisions and intents, newest first."""
+    """Decisions and intents, newest first.
+
+    \b
+    Examples:
+      cpctl history --before 2h
+      cpctl history --before 2026-11-27T10:00:00Z -n 50
+    """
     query = {"limit": str(limit)}
     if before is not None:
         query["before"] = repr(before)

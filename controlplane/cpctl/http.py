@@ -20,6 +20,14 @@ system's CAs. A certificate the client cannot verify, or a handshake the agent r
 (mutual TLS without an acceptable client certificate), means the request was never
 served: the next endpoint is tried, and when none works the error says what to give.
 
+A hung agent (it accepts the connection and never answers) must not hold an operator
+for the whole --timeout while others could answer: every attempt but the last one
+gives a read a short time to connect and send its first byte (`FIRST_BYTE_S`), then
+cpctl moves on and says so once on stderr. --timeout bounds the whole answer of every
+request, not each read from the socket, so an agent that trickles a byte at a time
+cannot hold cpctl past it either. A successful answer that is not what an agent gives
+for that route (`shapes`) counts as a failure of that agent, never as an empty result.
+
 Blocking stdlib `http.client`, not aiohttp: a CLI makes a handful of calls one after
 the other, and importing less makes every invocation start faster.
 """
@@ -27,18 +35,27 @@ the other, and importing less makes every invocation start faster.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import socket
 import ssl
+import sys
+import time
 import urllib.parse
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from controlplane.cpctl import shapes
 from controlplane.cpctl.errors import Refused, Unreachable, UsageProblem
 from controlplane.errors import ControlplaneError
 
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
 CONNECT_TIMEOUT_MAX_S = 3.0
+# Connect and first byte, on every attempt but the last, for reads that do not block.
+FIRST_BYTE_S = 2.0
 STALE_HEADER = "X-Controlplane-Stale"
 USER_AGENT = "cpctl/0.1"
 
@@ -83,6 +100,75 @@ class _NoAnswer(ControlplaneError):
     """The request was sent but no (whole) answer came back."""
 
 
+class _Late(TimeoutError):
+    """A deadline passed while reading the answer (its text says which one)."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's bytes, read by a deadline for the first byte and one for the whole answer.
+
+    A socket timeout bounds each read only; checking the clock before every read bounds
+    the sum, whatever the server trickles.
+
+    `holder` is the file `HTTPResponse` opened on the socket: it holds the socket open
+    (`socket.makefile` counts its files) after the connection lets go of it, which it
+    does when the server will close (HTTP/1.0); it is closed with this reader.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        holder: io.IOBase,
+        first_byte_by: float,
+        answer_by: float,
+        late: tuple[str, str],
+    ) -> None:
+        super().__init__()
+        self._sock = sock
+        self._holder = holder
+        self._first_byte_by = first_byte_by
+        self._answer_by = answer_by
+        self._late_texts = late  # (no first byte, not whole)
+        self._started = False
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._holder.close()
+        super().close()
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        by = self._answer_by if self._started else self._first_byte_by
+        remaining = by - time.monotonic()
+        if remaining <= 0:
+            raise self._late()
+        self._sock.settimeout(remaining)
+        try:
+            n = self._sock.recv_into(buffer)
+        except TimeoutError:
+            raise self._late() from None
+        self._started = self._started or n > 0
+        return n
+
+    def _late(self) -> _Late:
+        return _Late(self._late_texts[int(self._started)])
+
+
+def _timed_response(
+    first_byte_by: float, answer_by: float, late: tuple[str, str]
+) -> type[http.client.HTTPResponse]:
+    """An `HTTPResponse` class that reads through a `_DeadlineReader` (headers included)."""
+
+    class TimedResponse(http.client.HTTPResponse):
+        def __init__(self, sock: socket.socket, *args: Any, **kwargs: Any) -> None:
+            super().__init__(sock, *args, **kwargs)
+            reader = _DeadlineReader(sock, self.fp, first_byte_by, answer_by, late)
+            self.fp = io.BufferedReader(reader)
+
+    return TimedResponse
+
+
 @dataclass
 class Client:
     """Calls the agents' HTTP API; see the module docstring for the failover rules."""
@@ -93,7 +179,10 @@ class Client:
     timeout_s: float = 10.0
     # For https endpoints; None: the system's CAs, no client certificate.
     ssl_context: ssl.SSLContext | None = None
+    # Told, once, when an endpoint is passed over for the next (default: a line on stderr).
+    notice: Callable[[str], None] | None = None
     _current: int = field(default=0, init=False)
+    _noticed: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         if not self.endpoints:
@@ -125,29 +214,47 @@ class Client:
         body: Any = None,
         timeout_s: float | None = None,
         idempotent: bool | None = None,
+        first_byte_s: float | None = None,
     ) -> Response:
-        """One API call; the parsed JSON answer, or `Refused` / `Unreachable`."""
+        """One API call; the parsed JSON answer, or `Refused` / `Unreachable`.
+
+        `first_byte_s`: how long an attempt that is not the last may wait to connect and
+        for the first byte (default `FIRST_BYTE_S` for a GET that does not block, else
+        the whole timeout: a write's answer waits for its commit).
+        """
         target = path + (f"?{urllib.parse.urlencode(query)}" if query else "")
         payload = None if body is None else json.dumps(body).encode()
         if idempotent is None:
             idempotent = method == "GET"
+        if first_byte_s is None and method == "GET" and "wait" not in (query or {}):
+            first_byte_s = FIRST_BYTE_S
         failures: list[str] = []
+        passed_over: tuple[str, str] | None = None
+        junk = False
         last_unavailable: Refused | None = None
         stale: tuple[int, Response] | None = None
         n = len(self.endpoints)
         for step in range(n):
             index = (self._current + step) % n
             endpoint = self.endpoints[index]
+            last = step == n - 1
             try:
                 status, headers, raw = self._send(
-                    endpoint, method, target, payload, timeout_s or self.timeout_s
+                    endpoint,
+                    method,
+                    target,
+                    payload,
+                    timeout_s or self.timeout_s,
+                    None if last else first_byte_s,
                 )
             except _NotSent as e:
                 failures.append(f"{endpoint}: {e}")
+                passed_over = passed_over or (endpoint, f"not answering ({e})")
                 continue
             except _NoAnswer as e:
                 if idempotent:
                     failures.append(f"{endpoint}: {e}")
+                    passed_over = passed_over or (endpoint, f"not answering ({e})")
                     continue
                 raise Unreachable(
                     f"{method} {path} was sent to {endpoint} but no answer came ({e}); it may or may not "
@@ -155,10 +262,22 @@ class Client:
                 ) from None
             response = Response(status, headers, _parse(raw), endpoint)
             if status < 400:
+                bad = shapes.problem(method, path, response.body)
+                if bad is not None:
+                    # Not an agent's answer: a proxy's page, a wrong port. Never shown as data.
+                    if not idempotent:
+                        raise Unreachable(
+                            f"{endpoint} is not answering as an agent to {method} {path}: {bad}"
+                        )
+                    junk = True
+                    failures.append(f"{endpoint} answered {method} {path} {status}, not as an agent: {bad}")
+                    passed_over = passed_over or (endpoint, f"not answering as an agent ({bad})")
+                    continue
                 if idempotent and response.header(STALE_HEADER) is not None and step < n - 1:
                     stale = stale or (index, response)
                     continue
                 self._current = index
+                self._tell(passed_over, endpoint)
                 return response
             self._current = index
             refused = _refusal(response)
@@ -171,10 +290,25 @@ class Client:
             raise refused
         if stale is not None:
             self._current = stale[0]
+            self._tell(passed_over, stale[1].endpoint)
             return stale[1]
         if last_unavailable is not None:
             raise last_unavailable
+        if junk:
+            raise Unreachable("no agent gave a usable answer: " + _grouped(failures))
         raise Unreachable("no agent reachable: " + _grouped(failures))
+
+    def _tell(self, passed_over: tuple[str, str] | None, using: str) -> None:
+        """Say once per run that an endpoint was passed over, and for which."""
+        if passed_over is None or self._noticed:
+            return
+        self._noticed = True
+        line = f"agent {passed_over[0]} {passed_over[1]}, using {using}"
+        if self.notice is not None:
+            self.notice(line)
+        else:
+            sys.stderr.write(f"cpctl: {line}\n")
+            sys.stderr.flush()
 
     def get_from(
         self, endpoint: str, path: str, query: Mapping[str, str] | None, timeout_s: float
@@ -188,11 +322,22 @@ class Client:
         return Response(status, headers, _parse(raw), endpoint)
 
     def _send(
-        self, endpoint: str, method: str, target: str, payload: bytes | None, timeout_s: float
+        self,
+        endpoint: str,
+        method: str,
+        target: str,
+        payload: bytes | None,
+        timeout_s: float,
+        first_byte_s: float | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
+        """One request: connected and first byte within `first_byte_s` (when given), all of
+        the answer within `timeout_s` of the start."""
         parts = urllib.parse.urlsplit(endpoint)
         host = parts.hostname or ""
-        connect_timeout = min(CONNECT_TIMEOUT_MAX_S, timeout_s)
+        started = time.monotonic()
+        answer_by = started + timeout_s
+        first_s = timeout_s if first_byte_s is None else min(first_byte_s, timeout_s)
+        connect_timeout = min(CONNECT_TIMEOUT_MAX_S, first_s)
         conn: http.client.HTTPConnection
         if parts.scheme == "https":
             context = self.ssl_context or ssl.create_default_context()
@@ -206,13 +351,15 @@ class Client:
             headers["X-Controlplane-User"] = self.user
         if payload is not None:
             headers["Content-Type"] = "application/json"
+        late = (f"no answer within {first_s:g} s", f"answer not complete within {timeout_s:g} s")
+        conn.response_class = _timed_response(started + first_s, answer_by, late)
         try:
             try:
                 conn.connect()
             except (OSError, http.client.HTTPException) as e:
                 raise _NotSent(_describe(e, "connect", connect_timeout)) from None
             if conn.sock is not None:
-                conn.sock.settimeout(timeout_s)
+                conn.sock.settimeout(max(0.001, answer_by - time.monotonic()))
             try:
                 conn.request(method, target, body=payload, headers=headers)
                 answer = conn.getresponse()
@@ -248,6 +395,8 @@ def _grouped(failures: Sequence[str]) -> str:
 
 
 def _describe(e: BaseException, phase: str, timeout_s: float) -> str:
+    if isinstance(e, _Late):
+        return str(e)
     if isinstance(e, TimeoutError | socket.timeout):
         return f"no {phase} within {timeout_s:g} s"
     if isinstance(e, ConnectionRefusedError):

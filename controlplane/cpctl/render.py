@@ -147,8 +147,10 @@ def flags_lines(decision: Json) -> list[Text]:
     return lines
 
 
-def reasons_block(decision: Json) -> RenderableType:
-    reasons = list(decision.get("reasons", []))
+def reasons_block(decision: Json, skip: Iterable[str] = ()) -> RenderableType:
+    """The decision's reasons, one a line (but those in `skip`, shown elsewhere)."""
+    left_out = set(skip)
+    reasons = [str(r) for r in decision.get("reasons") or [] if str(r) not in left_out]
     if not reasons:
         return Text("reasons: none given", style="dim")
     text = Text("reasons:\n", style="bold")
@@ -471,7 +473,8 @@ def plan(before: Json | None, planned: Json, what: str) -> RenderableType:
     changed = {line.split("/", 1)[1].split(":", 1)[0] for line in lines if "/" in line.split(":", 1)[0]}
     parts.append(weights_table(planned, before=before, services=changed or None))
     parts += flags_lines(planned)
-    warnings = [r for r in planned.get("reasons", []) if "not applied" in r]
+    warnings = [str(r) for r in planned.get("reasons") or [] if "not applied" in str(r)]
+    parts.append(reasons_block(planned, skip=warnings))
     for warning in warnings:
         parts.append(Text(f"WARNING: {warning}", style="bold red"))
     if planned.get("panic") and not (before or {}).get("panic"):
@@ -488,8 +491,11 @@ def watch_line(before: Json | None, after: Json, now: float) -> RenderableType:
     if after.get("stale"):
         head.append("  STALE", style="bold red")
     if before is None:
-        return Group(head, weights_table(after), *flags_lines(after))
+        return Group(head, weights_table(after), *flags_lines(after), reasons_block(after))
     lines = decision_changes(before, after) or ["no change to weights or features"]
+    # The reasons this revision gives that the last one did not: why it moved.
+    old = {str(r) for r in before.get("reasons") or []}
+    lines += [f"why: {r}" for r in after.get("reasons") or [] if str(r) not in old]
     text = Text()
     for line in lines:
         text.append(f"  {line}\n")

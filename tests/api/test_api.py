@@ -346,3 +346,29 @@ async def test_plan_reports_what_would_be_refused(cluster: InProcessCluster, age
     status, body = await cluster.post(agents[0], "/v1/plan", {"intents": intents}, token=None)
     assert status == 200, body
     assert any("min_healthy_regions" in r for r in body["refusals"]), body["refusals"]
+
+
+async def test_plan_of_removing_a_standing_intent(cluster: InProcessCluster, agents: list[str]) -> None:
+    status, drained = await cluster.post(
+        agents[0], "/v1/intents", {"kind": "drain", "region": "cn-east", "reason": "plan remove test"}
+    )
+    assert status == 201, drained
+    try:
+        d = await cluster.decision(agents[0])
+        assert d is not None and d["services"]["order"]["cn-east"]["state"] == "drained"
+        status, body = await cluster.post(agents[0], "/v1/plan", {"remove": [drained["id"]]}, token=None)
+        assert status == 200, body
+        assert body["committed"] is False
+        # Without the drain cn-east is no longer drained (it waits out its recovery hold).
+        assert body["services"]["order"]["cn-east"]["state"] != "drained"
+        assert any(c.startswith("cn-east/order: 0 drained -> ") for c in body["changes"]), body["changes"]
+        _, _, standing = await cluster.get(agents[0], "/v1/intents")
+        assert [i["id"] for i in standing["intents"]] == [drained["id"]]
+        status, body = await cluster.post(agents[0], "/v1/plan", {"remove": ["no-such-intent"]}, token=None)
+        assert status == 404 and "no-such-intent" in body["detail"], body
+    finally:
+        async with cluster.session.delete(
+            f"{cluster.agents[agents[0]].url}/v1/intents/{drained['id']}?reason=done",
+            headers={"Authorization": f"Bearer {cluster.admin_token}"},
+        ) as r:
+            assert r.status == 200

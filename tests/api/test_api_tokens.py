@@ -169,3 +169,18 @@ async def test_legacy_tokens_are_named_admin_and_read() -> None:
     assert not tokens.reads_open
     assert Tokens(admin="a" * 20).reads_open
     assert not Tokens(admin="a" * 20, open_reads=False).reads_open
+
+
+async def test_whoami_names_the_token_and_its_scope_and_changes_nothing(solo: InProcessCluster) -> None:
+    before = await revision(solo)
+    for name, scope in (
+        ("dashboards", "read"),
+        ("haproxy-east", "lb"),
+        ("alice", "operate"),
+        ("root", "admin"),
+    ):
+        status, body = await call(solo, "GET", "/v1/whoami", SECRETS[name])
+        assert (status, body) == (200, {"name": name, "scope": scope})
+    status, body = await call(solo, "GET", "/v1/whoami", "not-a-token")
+    assert status == 401 and body["error"] == "bad token", body
+    assert await revision(solo) == before
