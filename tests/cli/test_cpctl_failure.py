@@ -159,8 +159,9 @@ def test_watch_says_why_each_revision_moved(restored: Live) -> None:
         first = proc.stdout.readline()
         assert first.startswith("revision "), first
         # The first decision is shown in full, its reasons last.
-        while not proc.stdout.readline().startswith("reasons"):
-            pass
+        for line in iter(proc.stdout.readline, ""):  # until EOF at the latest
+            if line.startswith("reasons"):
+                break
         status, body = live.api(
             live.ids[0],
             "/v1/intents",
