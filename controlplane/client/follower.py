@@ -199,6 +199,10 @@ async def apply_once(
         async with asyncio.timeout(timeout_s):
             await follower.run(stop, until_applied=True)
     except TimeoutError:
-        log.error("no decision applied within %g s: %s", timeout_s, follower.last_error or "no answer")
+        log.error(
+            "no decision applied within %g s (--once-timeout): %s",
+            timeout_s,
+            follower.last_error or "no answer",
+        )
         return 1
     return 0 if follower.applied_revision and succeeded() else 1

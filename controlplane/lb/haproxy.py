@@ -293,6 +293,7 @@ async def run_haproxy(
     status_path: Path | None = None,
     token: str | None = None,
     once: bool = False,
+    once_timeout_s: float = 60.0,
     stop: asyncio.Event | None = None,
     report_name: str | None = None,
     report_s: float = DEFAULT_HEARTBEAT_S,
@@ -316,7 +317,9 @@ async def run_haproxy(
     )
     stop = stop or asyncio.Event()
     if once:
-        code = await apply_once(follower, stop, lambda: bool(adapter.status.data.get("ok")))
+        code = await apply_once(
+            follower, stop, lambda: bool(adapter.status.data.get("ok")), timeout_s=once_timeout_s
+        )
         if reporter is not None:
             await reporter.flush()
         return code

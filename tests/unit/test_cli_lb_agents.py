@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import click
 import pytest
 from click.testing import CliRunner
 
 from controlplane.cli import _agent_urls, main
+from controlplane.testing.ports import free_port
 
 
 def test_agent_urls_split_on_commas_and_spaces_and_drop_duplicates() -> None:
@@ -30,3 +36,18 @@ def test_a_bad_agent_url_stops_the_adapter_at_start_naming_it(bad: str, tmp_path
     )
     assert result.exit_code == 2, result.output
     assert "--agent" in result.output and "Traceback" not in result.output
+
+
+def test_once_gives_up_after_its_timeout_saying_so(tmp_path: Path) -> None:
+    mapping = tmp_path / "map.yaml"
+    mapping.write_text("order: {backend: be_order, servers: {cn-east: east}}\n")
+    dead = f"http://127.0.0.1:{free_port()}"  # reserved here, so nothing listens on it
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("controlplane")), "lb", "haproxy", "--agent", dead,
+         "--socket", str(tmp_path / "none.sock"), "--map", str(mapping), "--once", "--once-timeout", "1.5"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "no decision applied within 1.5 s (--once-timeout)" in done.stderr, done.stderr
+    assert time.monotonic() - started < 30  # not the old fixed 60 s
