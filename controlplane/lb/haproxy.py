@@ -25,14 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from ssl import SSLContext
 
-from controlplane.client.follower import DecisionFollower, apply_once, pause
+from controlplane.client.follower import DecisionFollower, pause
 from controlplane.errors import NotFound, RuntimeApiError
 from controlplane.formats import HaproxyPlan, ServerMap, ServerSetting, haproxy_plan
 from controlplane.lb.mapfile import load_haproxy_map
-from controlplane.lb.report import DEFAULT_HEARTBEAT_S, reporter_for
+from controlplane.lb.report import DEFAULT_HEARTBEAT_S, follow_and_report, reporter_for
 from controlplane.lb.status import StatusFile
 from controlplane.model import Decision
-from controlplane.tasks import run_alongside
 
 log = logging.getLogger(__name__)
 
@@ -316,14 +315,12 @@ async def run_haproxy(
         "following %s for %s; HAProxy runtime API at %s", ", ".join(agents), ", ".join(mapping), socket_path
     )
     stop = stop or asyncio.Event()
-    if once:
-        code = await apply_once(
-            follower, stop, lambda: bool(adapter.status.data.get("ok")), timeout_s=once_timeout_s
-        )
-        if reporter is not None:
-            await reporter.flush()
-        return code
-    helpers = {"haproxy reconcile": adapter.run_reconciler(reconcile_s, stop)}
-    if reporter is not None:
-        helpers["lb report"] = reporter.run(stop)
-    return await run_alongside(follower.run(stop), stop, helpers)
+    return await follow_and_report(
+        follower,
+        status,
+        reporter,
+        stop,
+        once=once,
+        once_timeout_s=once_timeout_s,
+        helpers={"haproxy reconcile": lambda: adapter.run_reconciler(reconcile_s, stop)},
+    )

@@ -38,14 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from ssl import SSLContext
 
-from controlplane.client.follower import DecisionFollower, apply_once, pause
+from controlplane.client.follower import DecisionFollower, pause
 from controlplane.errors import ConfigError, NotFound, RenderError
 from controlplane.formats import NoServingRegion, nginx_upstream
 from controlplane.lb.mapfile import NginxUpstream, load_nginx_map
-from controlplane.lb.report import DEFAULT_HEARTBEAT_S, reporter_for
+from controlplane.lb.report import DEFAULT_HEARTBEAT_S, follow_and_report, reporter_for
 from controlplane.lb.status import StatusFile, write_atomic
 from controlplane.model import Decision
-from controlplane.tasks import run_alongside
 
 log = logging.getLogger(__name__)
 
@@ -340,14 +339,12 @@ async def run_nginx(
         "following %s for %s; rendering %s into %s", ", ".join(agents), ", ".join(upstreams), template, output
     )
     stop = stop or asyncio.Event()
-    if once:
-        code = await apply_once(
-            follower, stop, lambda: bool(adapter.status.data.get("ok")), timeout_s=once_timeout_s
-        )
-        if reporter is not None:
-            await reporter.flush()
-        return code
-    helpers = {"nginx template watch": adapter.run_watcher(check_s, stop)}
-    if reporter is not None:
-        helpers["lb report"] = reporter.run(stop)
-    return await run_alongside(follower.run(stop), stop, helpers)
+    return await follow_and_report(
+        follower,
+        status,
+        reporter,
+        stop,
+        once=once,
+        once_timeout_s=once_timeout_s,
+        helpers={"nginx template watch": lambda: adapter.run_watcher(check_s, stop)},
+    )

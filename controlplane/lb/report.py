@@ -30,15 +30,17 @@ import contextlib
 import logging
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from ssl import SSLContext
 from typing import Any
 
 import aiohttp
 import orjson
 
+from controlplane.client.follower import DecisionFollower, apply_once
 from controlplane.lb.status import StatusFile
 from controlplane.lbreports import ERROR_MAX_CHARS, valid_name
+from controlplane.tasks import run_alongside
 
 log = logging.getLogger(__name__)
 
@@ -228,3 +230,28 @@ async def _reason(r: aiohttp.ClientResponse) -> str:
     if isinstance(body, dict) and "error" in body:
         return one_line(f"{body.get('error')}: {body.get('detail') or ''}".rstrip(": "), 300)
     return one_line(text, 300)
+
+
+async def follow_and_report(
+    follower: DecisionFollower,
+    status: StatusFile,
+    reporter: Reporter | None,
+    stop: asyncio.Event,
+    *,
+    once: bool,
+    once_timeout_s: float,
+    helpers: Mapping[str, Callable[[], Coroutine[Any, Any, Any]]],
+) -> int:
+    """An adapter's run, the same for every kind: with `once`, apply one decision (exit 0
+    when the status says ok, bounded by `once_timeout_s`) and send the report it makes;
+    otherwise follow until `stop` with the reporter and the adapter's own `helpers`
+    (started only then) beside it. The exit code."""
+    if once:
+        code = await apply_once(follower, stop, lambda: bool(status.data.get("ok")), timeout_s=once_timeout_s)
+        if reporter is not None:
+            await reporter.flush()
+        return code
+    running = {name: start() for name, start in helpers.items()}
+    if reporter is not None:
+        running["lb report"] = reporter.run(stop)
+    return await run_alongside(follower.run(stop), stop, running)
