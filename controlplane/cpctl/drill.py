@@ -27,7 +27,7 @@ from typing import Any
 
 import click
 
-from controlplane.cpctl import render
+from controlplane.cpctl import complete, render
 from controlplane.cpctl.actions import SERVE_WAIT_S, confirm, duration_option, require_terminal_or_yes
 from controlplane.cpctl.commands import cli, current_decision, emit_json, pass_settings
 from controlplane.cpctl.drill_measure import Recorder, Timeline, stages, weight_timeline
@@ -62,8 +62,14 @@ cli.add_command(drill)
 
 
 @command(drill, "start", section="Act")
-@click.argument("region")
-@click.option("-s", "--service", metavar="SERVICE", help="Drill only this service. Default: every service.")
+@click.argument("region", shell_complete=complete.regions)
+@click.option(
+    "-s",
+    "--service",
+    metavar="SERVICE",
+    shell_complete=complete.services,
+    help="Drill only this service. Default: every service.",
+)
 @click.option(
     "--duration", default="5m", show_default=True, callback=duration_option, metavar="DURATION",
     help="How long the region stays out; it comes back by itself then, whatever happens to cpctl.",

@@ -240,6 +240,9 @@ def test_completion_offers_the_clusters_names(live: Live) -> None:
     assert complete(live, "plan", "--fail", "") == ["cn-east", "cn-south", "cn-north"]
     assert sorted(complete(live, "drain", "cn-east", "--service", "")) == ["gateway", "inventory", "order"]
     assert complete(live, "weights", "inv") == ["inventory"]
+    # A drill's region, in both its spellings, and its service.
+    assert complete(live, "drill", "start", "cn-s") == ["cn-south"]
+    assert complete(live, "drill", "start", "cn-east", "--service", "ord") == ["order"]
     features = complete(live, "feature", "disable", "")
     assert "comments" in features and "likes" in features
     # The endpoints given on the command line are the ones asked.
