@@ -28,7 +28,14 @@ from typing import Any
 import click
 
 from controlplane.cpctl import complete, render
-from controlplane.cpctl.actions import SERVE_WAIT_S, confirm, duration_option, require_terminal_or_yes
+from controlplane.cpctl.actions import (
+    SERVE_WAIT_S,
+    check_may_write,
+    confirm,
+    duration_option,
+    needed_scope,
+    require_terminal_or_yes,
+)
 from controlplane.cpctl.commands import cli, current_decision, emit_json, pass_settings
 from controlplane.cpctl.drill_measure import Recorder, Timeline, stages, weight_timeline
 from controlplane.cpctl.drill_report import STAGE_WORDS, markdown, svg, verdict_line
@@ -136,9 +143,11 @@ def drill_start(
     err = render.make_console(stderr=True)
     out = err if settings.json else render.make_console()
     before = current_decision(client)
+    what = f"drill of {region}{f'/{service}' if service else ''} for {render.ago(duration)}"
+    if not dry_run:  # a plan nobody may act on is not shown (as for every action)
+        check_may_write(client, before, f"start a {what}", needed_scope("drill"))
     planned = client.post("/v1/plan", {"intents": [body]}, idempotent=True).body
     lbs_at_start = _lbs(client)
-    what = f"drill of {region}{f'/{service}' if service else ''} for {render.ago(duration)}"
     out.print(render.plan(before, planned, what))
     out.print(
         f"objective {render.ago(objective)}; "
