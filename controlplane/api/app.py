@@ -8,6 +8,7 @@ same shape and are logged; the traceback never reaches the client.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -15,7 +16,7 @@ from aiohttp import web
 
 from controlplane.access import Scope
 from controlplane.agent.node import Node
-from controlplane.api import drills, lbs, ofrep, openapi, read, ui, write
+from controlplane.api import drills, lbs, ofrep, read, ui, write
 from controlplane.api.auth import require
 from controlplane.api.common import CLOSE_AFTER, NODE, Handler, error_response, json_response, route_name
 from controlplane.errors import ControlplaneError
@@ -54,10 +55,16 @@ async def read_auth(request: web.Request, handler: Handler) -> web.StreamRespons
 
 
 async def get_openapi(request: web.Request) -> web.StreamResponse:
-    return json_response(request.app[OPENAPI])
+    return json_response(openapi_document())
 
 
-OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+@functools.cache
+def openapi_document() -> dict[str, Any]:
+    """Built on first request, not at start: nothing but this route needs it, and the
+    response models' JSON schemas cost an idle agent memory it would hold for nothing."""
+    from controlplane.api import openapi
+
+    return openapi.build()
 
 
 def create_app(node: Node) -> web.Application:
@@ -72,6 +79,5 @@ def create_app(node: Node) -> web.Application:
     drills.add_routes(app)
     ui.add_routes(app)
     ofrep.add_routes(app)
-    app[OPENAPI] = openapi.build()
     app.router.add_get("/openapi.json", get_openapi)
     return app
