@@ -250,6 +250,21 @@ def raft_traffic(
     }
 
 
+async def decisions_since(session: aiohttp.ClientSession, url: str, revision: int) -> list[str]:
+    """What the decisions after `revision` said (the history's summaries, oldest first)."""
+    try:
+        async with session.get(url + "/v1/history", params={"limit": "50"}) as r:
+            body = await r.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, ValueError):
+        return []
+    entries = body.get("entries", []) if isinstance(body, dict) else []
+    return [
+        f"r{e['revision']}: {e['summary']}"
+        for e in reversed(entries)
+        if e.get("kind") == "decision" and (e.get("revision") or 0) > revision
+    ]
+
+
 def machine_busy() -> tuple[float, float]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     fields = [float(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
@@ -303,6 +318,7 @@ async def quiet_phase(
             **{f"{k}_per_s": v for k, v in rate.items()},
             "raft": raft_traffic(before["raft"], after["raft"], pids[i], seconds),
         }
+    changes = await decisions_since(session, agents[leader].url, before["revision"])
     busy0, total0 = before["machine"]
     busy1, total1 = after["machine"]
     cpus = [p["cpu_percent"] for p in per_agent.values()]
@@ -315,6 +331,7 @@ async def quiet_phase(
         "leadership_stable": before["leader"] == after["leader"] == leader,
         "commits_per_s": round((after["commit_index"] - before["commit_index"]) / seconds, 2),
         "decisions": after["revision"] - before["revision"],
+        "decision_summaries": changes,
         "observations_published_per_s": round(published, 1),
         "pairs": pairs,
         "leader_raft_bytes_out_per_s": leader_raft["bytes_out_per_s"],
@@ -355,6 +372,8 @@ def print_quiet(title: str, q: Mapping[str, Any]) -> None:
         f"{q['observations_published_per_s']}, leader bytes/observation {q['leader_bytes_per_observation']}; "
         f"harness {q['harness_cpu_percent']} % of a core, machine {q['machine_busy_percent']} % busy"
     )
+    for line in q["decision_summaries"]:
+        print(f"    {line}")
 
 
 # -- commit latency ----------------------------------------------------------------------
