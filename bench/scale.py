@@ -250,8 +250,8 @@ def raft_traffic(
     }
 
 
-async def decisions_since(session: aiohttp.ClientSession, url: str, revision: int) -> list[str]:
-    """What the decisions after `revision` said (the history's summaries, oldest first)."""
+async def decisions_between(session: aiohttp.ClientSession, url: str, first: int, last: int) -> list[str]:
+    """What the decisions after `first` up to `last` said (the history's summaries, oldest first)."""
     try:
         async with session.get(url + "/v1/history", params={"limit": "50"}) as r:
             body = await r.json(content_type=None)
@@ -261,7 +261,7 @@ async def decisions_since(session: aiohttp.ClientSession, url: str, revision: in
     return [
         f"r{e['revision']}: {e['summary']}"
         for e in reversed(entries)
-        if e.get("kind") == "decision" and (e.get("revision") or 0) > revision
+        if e.get("kind") == "decision" and first < (e.get("revision") or 0) <= last
     ]
 
 
@@ -318,7 +318,7 @@ async def quiet_phase(
             **{f"{k}_per_s": v for k, v in rate.items()},
             "raft": raft_traffic(before["raft"], after["raft"], pids[i], seconds),
         }
-    changes = await decisions_since(session, agents[leader].url, before["revision"])
+    changes = await decisions_between(session, agents[leader].url, before["revision"], after["revision"])
     busy0, total0 = before["machine"]
     busy1, total1 = after["machine"]
     cpus = [p["cpu_percent"] for p in per_agent.values()]
