@@ -232,3 +232,56 @@ def test_flags(tmp_path: Path) -> None:
         assert set(p) >= PERCENTILES and p["n"] == 2, reader
     assert len(data["rounds"]) == 2
     assert data["shedder_check_us"] > 0
+
+
+def test_scale(tmp_path: Path) -> None:
+    data = run_bench(
+        "scale",
+        tmp_path,
+        *("--regions", "4", "--services", "3", "--agents", "3"),
+        *("--quiet-s", "3", "--settle-s", "1", "--intents", "4", "--trials", "1"),
+        timeout_s=240,
+    )
+    assert set(data["settings"]) >= {"regions", "services", "agents", "observation_ttl_s", "refresh_s"}
+    for name, pairs, agents in (("scale", 12, 3), ("baseline", 9, 3)):
+        run = data[name]
+        assert run["pairs"] == pairs and run["agents"] == agents, name
+        q = run["quiet"]
+        assert set(q) >= {
+            "seconds",
+            "agents",
+            "leader",
+            "commits_per_s",
+            "decisions",
+            "observations_published_per_s",
+            "leader_raft_bytes_out_per_s",
+            "leader_bytes_per_observation",
+            "cpu_percent_max",
+            "rss_mb_max",
+            "harness_cpu_percent",
+            "machine_busy_percent",
+        }, name
+        assert len(q["agents"]) == agents and q["leader"] in q["agents"]
+        for agent, a in q["agents"].items():
+            assert a["rss_mb"] > 0 and a["cpu_percent"] >= 0 and a["probes_per_s"] > 0, (name, agent)
+            assert a["raft"]["sockets"] > 0 and a["raft"]["bytes_out_per_s"] > 0, (name, agent)
+            assert {"segments_out_per_s", "segments_in_per_s", "bytes_in_per_s"} <= set(a["raft"])
+            assert "observations_published_per_s" in a
+        check_percentiles(run["commit"]["latency_ms"], n=4)
+    trials = data["scale"]["failover_trials"]
+    assert [(t["scope"], t["trial"]) for t in trials] == [("pair", 0), ("region", 0)]
+    for scope in ("pair", "region"):
+        for stage in ("client_all", "committed"):
+            check_percentiles(data["scale"]["failover"][scope][stage], n=1)
+    assert data["baseline"]["failover_trials"] == []
+    assert set(data["targets"]) == {
+        "failover_p99_target_s",
+        "failover_pair_p99_s",
+        "failover_region_p99_s",
+        "failover_pair_met",
+        "failover_region_met",
+        "cpu_percent_target",
+        "cpu_percent_max",
+        "cpu_met",
+    }
+    assert data["targets"]["failover_p99_target_s"] == pytest.approx(data["detection_window_s"] + 0.5)
