@@ -741,7 +741,8 @@ class RaftNode:
                     waiting.append((index, fut, deadline))
             self._read_waits = waiting
         self._update_freshness(now)
-        if later:
+        if later or rd.committed or rd.snapshot is not None:
+            # status() shows what the state machine holds now, not a tick later.
             self._publish(now)
             for fut, value, is_error in later:
                 if is_error:
