@@ -204,6 +204,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                             "threads": s.threads,
                             "fds": s.fds,
                             "cpu_s": round(s.cpu_s, 2),
+                            "tasks": (await scraped(cluster, agent)).get("tasks"),
                             **await bounded_state(cluster, agent),
                         }
                     )
@@ -237,11 +238,20 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     rows = []
     for agent, xs in samples.items():
         g = {key: growth(xs, key, warmup_s) for key in ("rss_mb", "threads", "fds")}
+        # Tasks include the watchers' handlers, so they follow the churn: compare ranges.
+        tasks = [x["tasks"] for x in xs if x["t"] >= xs[0]["t"] + warmup_s and x.get("tasks") is not None]
         after_warmup = [x for x in xs if x["t"] >= xs[0]["t"] + warmup_s] or xs
         cpu = (xs[-1]["cpu_s"] - xs[0]["cpu_s"]) / max(1.0, xs[-1]["t"] - xs[0]["t"]) * 100
         per_agent[agent] = {
             "growth": g,
             "cpu_percent_mean": round(cpu, 1),
+            "tasks_after_warmup": {
+                "min": min(tasks, default=None),
+                "median": statistics.median(tasks) if tasks else None,
+                "max": max(tasks, default=None),
+                "first_third_max": max(tasks[: len(tasks) // 3], default=None),
+                "last_third_max": max(tasks[-(len(tasks) // 3) :], default=None) if len(tasks) >= 3 else None,
+            },
             "watchers_after_drain": drained.get(agent),
             "fds_after_drain": final_fds[agent],
             "history_total": {
@@ -264,6 +274,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 rss["per_30min_percent"],
                 f"{g['threads']['first']}->{g['threads']['last']}",
                 f"{g['fds']['first']}->{g['fds']['last']}",
+                "{first_third_max}->{last_third_max}".format(**per_agent[agent]["tasks_after_warmup"]),
                 drained.get(agent),
                 round(cpu, 1),
                 f"{per_agent[agent]['history_total']['first']}->{per_agent[agent]['history_total']['last']}",
@@ -283,6 +294,7 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "slope %/30min",
             "threads",
             "fds",
+            "tasks max (1st->3rd third)",
             "watchers after",
             "CPU %",
             "history",
@@ -327,8 +339,8 @@ async def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "run_minutes": args.minutes,
         },
         "limitations": [
-            "the agent has no tracemalloc hook, so allocation sites of any growth are not reported",
-            "task count is not exposed by the agent; threads from /proc are reported instead",
+            "allocation sites are not reported: for that, run the agents with CONTROLPLANE_TRACEMALLOC"
+            " and send SIGUSR2 (bench/README.md, diagnosis hooks)",
         ],
     }
 
@@ -343,16 +355,26 @@ async def bounded_state(cluster: LocalCluster, agent: str) -> dict[str, Any]:
     }
 
 
-async def watchers_gauge(cluster: LocalCluster, agent: str) -> float | None:
+async def scraped(cluster: LocalCluster, agent: str) -> dict[str, float]:
+    """The agent's own gauges from /metrics: open watchers and asyncio tasks per loop."""
     try:
         async with cluster.session.get(cluster.agents[agent].url + "/metrics") as r:
             text = await r.text()
     except (OSError, TimeoutError):
-        return None
+        return {}
+    out = {}
     for line in text.splitlines():
         if line.startswith("controlplane_watchers "):
-            return float(line.split()[1])
-    return None
+            out["watchers"] = float(line.split()[1])
+        elif line.startswith('controlplane_asyncio_tasks{loop="main"}'):
+            out["tasks"] = float(line.split()[1])
+        elif line.startswith('controlplane_asyncio_tasks{loop="prober"}'):
+            out["prober_tasks"] = float(line.split()[1])
+    return out
+
+
+async def watchers_gauge(cluster: LocalCluster, agent: str) -> float | None:
+    return (await scraped(cluster, agent)).get("watchers")
 
 
 def main() -> None:
