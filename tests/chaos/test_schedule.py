@@ -154,3 +154,22 @@ def test_a_schedule_that_fails_to_run_is_reported_and_fails_the_command(
     assert "2 failed to run" in out.out
     summary = orjson.loads((tmp_path / "summary.json").read_bytes())
     assert len(summary["run_errors"]) == 2
+
+
+@pytest.mark.parametrize("flagged", [True, False])
+def test_a_flagged_schedule_keeps_its_agents_logs_and_a_clean_one_keeps_nothing(
+    tmp_path: Path, flagged: bool
+) -> None:
+    from controlplane.testing.chaos.cli import keep_logs
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    (work / "seed-5" / "data" / "agent-a").mkdir(parents=True)
+    (work / "seed-5" / "data" / "agent-a" / "journal").write_bytes(b"\0" * 64)
+    (work / "seed-5" / "agent-a.log").write_text("raft agent-a is no longer the leader\n")
+    (work / "seed-5" / "cluster.yaml").write_text("cluster: {}\n")
+    (work / "etcd-5").mkdir()
+    keep_logs(work, 5, out, keep=flagged)
+    assert not (work / "seed-5").exists() and not (work / "etcd-5").exists()
+    kept = sorted(p.name for p in (out / "seed-5-logs").iterdir()) if flagged else []
+    assert kept == (["agent-a.log", "cluster.yaml"] if flagged else [])
+    assert (out / "seed-5-logs").exists() is flagged

@@ -6,13 +6,17 @@
 
 Schedule i uses seed `seed + i`. Each history is written as JSON to `--out` (one file per
 schedule, with its report), and a summary (violations by kind with seeds, latencies,
-throughput) to `--out/summary.json`. Exit status 1 when any violation was found.
+throughput) to `--out/summary.json`. A schedule that was flagged, or failed to run, keeps
+its agents' logs and configs in `--out/seed-N-logs/` (a replay may not hit the same
+timing again); a clean one keeps nothing. Exit status 1 when any violation was found.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
+import shutil
 import sys
 import time
 import traceback
@@ -78,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(generate(args.seed, shape_of(config, options)).describe())
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    options = dataclasses.replace(options, workdir=args.out / "work")
     reports, errors = asyncio.run(run_many(args, options))
     return 1 if errors or any(r["violations"] for r in reports) else 0
 
@@ -102,8 +107,10 @@ async def run_many(args: argparse.Namespace, options: Options) -> tuple[list[Rep
         except Exception:
             errors.append(f"seed {seed}: {traceback.format_exc(limit=3)}")
             print(f"seed {seed}: the run itself failed:\n{errors[-1]}", file=sys.stderr, flush=True)
+            keep_logs(options.workdir, seed, out, keep=True)
             continue
         report = check(history)
+        keep_logs(options.workdir, seed, out, keep=bool(report["violations"]))
         reports.append(report)
         (out / f"seed-{seed}.json").write_bytes(dumps(history))
         (out / f"seed-{seed}.report.json").write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2))
@@ -132,6 +139,22 @@ async def run_many(args: argparse.Namespace, options: Options) -> tuple[list[Rep
     (out / "summary.json").write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
     print(f"wrote {out}/summary.json and one history per seed")
     return reports, errors
+
+
+def keep_logs(work: Path | None, seed: int, out: Path, *, keep: bool) -> None:
+    """Copy a schedule's agent logs and configs to `out/seed-N-logs` when `keep`; then
+    remove its work directory (agents' data, etcd's) either way."""
+    if work is None:
+        return
+    dirs = [work / f"seed-{seed}", work / f"etcd-{seed}"]
+    if keep and dirs[0].is_dir():
+        dest = out / f"seed-{seed}-logs"
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in dirs[0].iterdir():
+            if path.is_file() and path.suffix in (".log", ".yaml"):
+                shutil.copy2(path, dest / path.name)
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def describe(v: Any) -> str:
