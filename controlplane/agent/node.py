@@ -85,10 +85,10 @@ class Node:
 
     def stale_for_s(self) -> float | None:
         """Seconds since this agent lost quorum; None while it has it."""
-        status = self.store.status()
-        if status.has_quorum:
+        has_quorum, lost_at = self.store.quorum()
+        if has_quorum:
             return None
-        since = status.quorum_lost_at if status.quorum_lost_at is not None else self.started_at
+        since = lost_at if lost_at is not None else self.started_at
         return max(0.0, self.clock() - since)
 
     def lb_current(self) -> Current:

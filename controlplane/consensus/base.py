@@ -68,6 +68,15 @@ class ControlStore(abc.ABC):
     def status(self) -> StoreStatus:
         """Leader, term, commit index, members and quorum as this member sees them."""
 
+    def quorum(self) -> tuple[bool, float | None]:
+        """(has quorum, when it was lost): the part of `status()` every read asks.
+
+        A backend whose `status()` is costly to build answers this without it: every
+        answered decision asks whether it is stale.
+        """
+        status = self.status()
+        return status.has_quorum, status.quorum_lost_at
+
     def cluster_time(self) -> float | None:
         """The cluster's clock as this member knows it (Unix-like seconds), None if unknown.
 

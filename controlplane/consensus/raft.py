@@ -210,13 +210,21 @@ class RaftStore(ControlStore):
         """The engine's own status (counters, damage, recovering), for metrics and debugging."""
         return self._node.status()
 
-    def _status_of(self, s: RaftStatus) -> StoreStatus:
-        running = self._started and not self._closed
-        has_quorum = running and s.fresh
+    def quorum(self) -> tuple[bool, float | None]:
+        has_quorum = self._started and not self._closed and self._node.fresh()
+        self._note_quorum(has_quorum)
+        return has_quorum, self._quorum_lost_at
+
+    def _note_quorum(self, has_quorum: bool) -> None:
         if has_quorum:
             self._quorum_lost_at = None
         elif self._quorum_lost_at is None:
             self._quorum_lost_at = time.time()
+
+    def _status_of(self, s: RaftStatus) -> StoreStatus:
+        running = self._started and not self._closed
+        has_quorum = running and s.fresh
+        self._note_quorum(has_quorum)
         linked = {m.id for m in s.members if m.connected_out or m.connected_in} | {self.member_id}
         members = tuple(
             MemberStatus(id=mid, address=address, connected=running and mid in linked)

@@ -67,7 +67,7 @@ from controlplane.raft.errors import (
 from controlplane.raft.messages import Entry, EntryKind, Message, MsgType, Ready, Role, Snapshot
 from controlplane.raft.quorum import quorum_size
 from controlplane.raft.settings import RaftLimits, RaftTimings, core_config
-from controlplane.raft.status import MemberStatus, Published, RaftStatus, StateMachine, status_of
+from controlplane.raft.status import MemberStatus, Published, RaftStatus, StateMachine, is_fresh, status_of
 from controlplane.raft.storage import Journal, Loaded
 from controlplane.raft.transport import COUNTERS as TRANSPORT_COUNTERS
 from controlplane.raft.transport import Transport, TransportConfig, split_host_port
@@ -325,6 +325,10 @@ class RaftNode:
 
     def status(self) -> RaftStatus:
         return status_of(self.id, self._published, time.monotonic())
+
+    def fresh(self) -> bool:
+        """`status().fresh` without building the status (asked on every answered read)."""
+        return is_fresh(self._published, time.monotonic())
 
     def cluster_time(self) -> float | None:
         """This node's estimate of cluster time (None before it has heard of any)."""

@@ -89,6 +89,16 @@ class Published:
     damage: tuple[str, ...] = ()
 
 
+def is_fresh(pub: Published, now: float) -> bool:
+    """Whether this node may call what it serves fresh (see `RaftStatus.fresh`)."""
+    return (
+        now - pub.ticked_at < ENGINE_STALE_S
+        and now < pub.fresh_until
+        and not pub.recovering
+        and pub.disk_error is None
+    )
+
+
 def status_of(node_id: str, pub: Published, now: float) -> RaftStatus:
     engine_alive = now - pub.ticked_at < ENGINE_STALE_S
     return RaftStatus(
@@ -100,7 +110,7 @@ def status_of(node_id: str, pub: Published, now: float) -> RaftStatus:
         applied=pub.applied,
         members=pub.members,
         has_quorum=pub.has_quorum and engine_alive,
-        fresh=engine_alive and now < pub.fresh_until and not pub.recovering and pub.disk_error is None,
+        fresh=is_fresh(pub, now),
         recovering=pub.recovering,
         vote_unknown=pub.vote_unknown,
         disk_error=pub.disk_error,

@@ -115,6 +115,31 @@ async def test_a_member_with_the_wrong_secret_cannot_join_nor_write(cluster_fact
     assert not intruder.state().intents
 
 
+async def test_the_cheap_quorum_answer_agrees_with_the_status(cluster_factory: ClusterFactory) -> None:
+    """`quorum()` is what every read asks (is this answer stale?); the engine answers it
+    without building its status, and it must say what `status()` says, with quorum and
+    after losing it. (Other backends derive it from `status()`.)"""
+    cluster = await cluster_factory(3)
+    await cluster.wait_for_leader()
+    ids = list(cluster.statuses())
+    survivor = cluster.store(ids[0])
+
+    def agree(want: bool) -> bool:
+        status = survivor.status()
+        return status.has_quorum is want and survivor.quorum() == (want, status.quorum_lost_at)
+
+    await eventually(lambda: agree(True), 10, "quorum, said by both")
+    assert survivor.quorum() == (True, None)
+    for member_id in ids[1:]:
+        await cluster.stop(member_id)
+    await eventually(lambda: agree(False), 15, "no quorum, said by both")
+    lost_at = survivor.quorum()[1]
+    assert lost_at is not None and abs(lost_at - time.time()) < 20
+    for member_id in ids[1:]:
+        await cluster.start(member_id)
+    await eventually(lambda: agree(True), 20, "quorum again, said by both")
+
+
 # -- journal, compaction, restart -------------------------------------------------------
 
 
