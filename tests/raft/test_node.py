@@ -334,3 +334,21 @@ def test_ghost_commit_never_happens_with_real_sockets(tmp_path: Path) -> None:
     and compact past it, heal; the ex-leader (catching up by snapshot) must never apply
     its own uncommitted writes. Checked every couple of milliseconds."""
     assert _ghost_scenario(tmp_path) >= 1, "the ex-leader did not catch up by snapshot"
+
+
+def test_results_are_kept_only_as_long_as_a_forward_can_wait_for_them(tmp_path: Path) -> None:
+    """A forwarded proposal's result may be needed after the entry was applied here, but
+    never longer than a forward waits; results hold whole decisions, so keeping thousands
+    cost an agent megabytes (issue 15, memory)."""
+    timings = replace(FAST, forward_timeout_s=0.5)
+    with LocalCluster(tmp_path, timings=timings).start_all() as cluster:
+        leader = cluster.leader()
+        follower = next(i for i in cluster.ids if i != leader)
+        for k in range(40):  # through the follower: forwarded, answered from its results
+            assert cluster.nodes[follower].propose(b"x" * 4000 + b"%d" % k).result(10) == k + 1
+        wait_for("every node applied them", lambda: all(len(sm.items) == 40 for sm in cluster.sms.values()))
+        assert len(cluster.nodes[follower]._results) >= 40
+        time.sleep(0.5 + 1.0 + 0.3)  # forward_timeout_s + _RESULT_SLACK_S, and some
+        assert cluster.nodes[leader].propose(b"one more").result(10) == 41
+        wait_for("the follower applied it", lambda: len(cluster.sms[follower].items) == 41)
+        assert len(cluster.nodes[follower]._results) == 1  # only the last entry's
