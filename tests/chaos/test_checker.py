@@ -323,6 +323,16 @@ def test_convergence_an_agent_left_behind() -> None:
     assert found and "a3 serves revision 6 stale" in found[0]["detail"]
 
 
+def test_convergence_is_judged_as_the_quiet_period_ended() -> None:
+    """What an agent answered after `ended` (while the runner collects its finals) is not
+    the end state; what it answered up to then is."""
+    b = clean()
+    b.serve("a3", F0 + 60.7, decision(6, intent_seq=2), stale=True, until=F0 + 61.2)
+    assert "convergence" not in kinds_of(b.h)
+    b.serve("a2", F0 + 59.9, decision(6, intent_seq=2), stale=True, until=F0 + 61.2)
+    assert "convergence" in kinds_of(b.h)
+
+
 def test_convergence_weights_not_back_to_base() -> None:
     b = clean()
     for agent in AGENTS:
