@@ -400,8 +400,10 @@ class RaftConfig(_Strict):
     commit_timeout_s: PositiveFloat = 3.0
     # How long after its last confirmation a member still calls its decision fresh.
     fresh_window_s: PositiveFloat = 1.0
-    # A snapshot (and a shorter journal) after this many entries since the last one.
-    snapshot_entries: Annotated[int, Strict(), Field(ge=10, le=10_000_000)] = 5000
+    # A snapshot (and a shorter journal) after this many entries since the last one. The
+    # entries since the last snapshot are also held in memory: a lower number is a
+    # smaller agent, at the cost of a snapshot (the whole state, small) more often.
+    snapshot_entries: Annotated[int, Strict(), Field(ge=10, le=10_000_000)] = 1000
 
 
 class TlsConfig(_Strict):

@@ -35,9 +35,11 @@ class RaftTimings:
     fresh_probe_s: float = 0.15
     disk_retry_s: float = 0.5
     disk_reminder_s: float = 30.0
-    # Take a snapshot and compact once the log since the last one exceeds either.
-    snapshot_entries: int = 5000
-    snapshot_bytes: int = 64 << 20
+    # Take a snapshot and compact once the log since the last one exceeds either: the log
+    # since the last snapshot is held in memory, and a snapshot of the control state is
+    # small (the whole state, a few hundred KB), so both are kept low.
+    snapshot_entries: int = 1000
+    snapshot_bytes: int = 8 << 20
 
     def problems(self, prefix: str = "backend.raft") -> list[str]:
         out: list[str] = []
