@@ -79,7 +79,9 @@ class Message:
       by a leadership transfer and skips the lease check.
     - HEARTBEAT(_RESP), READ_INDEX(_RESP): `context` identifies a ReadIndex request.
     - `ctime`/`wall` are not used by the core: the shell stamps the leader's cluster time
-      and wall clock on what it sends, for followers' clocks (see clock.py).
+      and wall clock on what it sends, for followers' clocks (see clock.py); followers
+      echo the leader's last `wall` in APP_RESP/HEARTBEAT_RESP, so the leader knows when
+      it asked what they answered (its lease; see node.py).
     """
 
     type: MsgType

@@ -85,6 +85,7 @@ _SNAP_CHUNK = 3
 # decisions (3-5 KB each): keeping 4096 of them cost an agent about 15 MB for nothing.
 _RESULT_MEMORY = 4096
 _RESULT_SLACK_S = 1.0
+_TOKEN_MEMORY = 4096  # send-time tokens a leader keeps (one per batch sent; pruned by age too)
 
 
 @dataclass(slots=True)
@@ -173,7 +174,17 @@ class RaftNode:
         self._fresh_until = 0.0
         self._results: OrderedDict[int, tuple[int, object, float]] = OrderedDict()  # (term, result, when)
         self._ids = itertools.count(1)
-        self._peer_acked: dict[str, float] = {}
+        # The leader's lease runs from when it *asked*, not from when an answer arrived: an
+        # answer read late (the leader paused, its loop stalled, the answer delayed on the
+        # way) proves only that the follower followed it when it sent what was answered
+        # (chaos seed 168: a leader resumed from SIGSTOP served an old decision as fresh).
+        # Every batch a leader sends carries its wall clock reading as a token (`wall`);
+        # followers echo the last token of their leader in their answers; the leader maps
+        # the token back to its monotonic clock. A follower of an older release echoes
+        # nothing and its answers count when they arrive, as before.
+        self._peer_acked: dict[str, float] = {}  # peer -> when (monotonic) the leader asked what it answered
+        self._sent_tokens: OrderedDict[float, float] = OrderedDict()  # wall token -> monotonic send time
+        self._leader_token: dict[str, float] = {}  # peer -> the last wall token it sent us as leader
         self._leader_heard = 0.0
         self._skew: float | None = None
         self._role = Role.FOLLOWER
@@ -485,8 +496,12 @@ class RaftNode:
             self.counters["messages_dropped_disk"] += 1
             return  # no acks, no votes while the disk fails
         now = time.monotonic()
-        if m.type in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP) and m.term == core.term:
-            self._peer_acked[peer] = now
+        if m.type in (MsgType.APP, MsgType.HEARTBEAT, MsgType.SNAP) and m.wall > 0:
+            self._leader_token[peer] = m.wall
+        elif m.type in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP) and m.term == core.term:
+            asked = self._sent_tokens.get(m.wall) if m.wall > 0 else now
+            if asked is not None:
+                self._peer_acked[peer] = max(self._peer_acked.get(peer, 0.0), asked)
         core.step(m)
         if (
             m.term == core.term
@@ -694,8 +709,15 @@ class RaftNode:
         leading = rd.role is Role.LEADER
         ctime = self._clock.now(now) or 0.0
         wall = time.time()
+        if leading and rd.messages:
+            self._remember_token(wall, now)
         for msg in rd.messages:
-            m = replace(msg, ctime=ctime, wall=wall) if leading else msg
+            if leading:
+                m = replace(msg, ctime=ctime, wall=wall)
+            elif msg.type in (MsgType.APP_RESP, MsgType.HEARTBEAT_RESP):
+                m = replace(msg, wall=self._leader_token.get(msg.dst, 0.0))
+            else:
+                m = msg
             if m.type in (MsgType.VOTE_RESP, MsgType.PRE_VOTE_RESP) and not m.reject:
                 self.counters["votes_granted" if m.type is MsgType.VOTE_RESP else "pre_votes_granted"] += 1
             if m.type is MsgType.SNAP and m.snapshot is not None:
@@ -776,12 +798,20 @@ class RaftNode:
         while len(results) > _RESULT_MEMORY or next(iter(results.values()))[2] < horizon:
             results.popitem(last=False)
 
+    def _remember_token(self, wall: float, now: float) -> None:
+        tokens = self._sent_tokens
+        tokens.setdefault(wall, now)  # two batches with one reading: the earlier counts
+        horizon = now - 2 * self.timings.fresh_window_s  # older answers prove nothing fresh
+        while tokens and (len(tokens) > _TOKEN_MEMORY or next(iter(tokens.values())) < horizon):
+            tokens.popitem(last=False)
+
     def _role_change(self, rd: Ready, now: float) -> None:
         core = self._core
         assert core is not None
         if rd.term != self._term:
             self._fresh_until = 0.0  # freshness is per term
             self._peer_acked.clear()
+            self._sent_tokens.clear()
             self._abandon_forwards(rd.term)
         if rd.role is Role.LEADER and self._role is not Role.LEADER:
             start = core.log.last_index()

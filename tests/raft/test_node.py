@@ -352,3 +352,38 @@ def test_results_are_kept_only_as_long_as_a_forward_can_wait_for_them(tmp_path: 
         assert cluster.nodes[leader].propose(b"one more").result(10) == 41
         wait_for("the follower applied it", lambda: len(cluster.sms[follower].items) == 41)
         assert len(cluster.nodes[follower]._results) == 1  # only the last entry's
+
+
+def test_a_leader_whose_acks_arrive_late_does_not_call_itself_fresh(tmp_path: Path) -> None:
+    """Chaos seed 168 (3 agents): a leader resumed after SIGSTOP served its old decision as
+    fresh while another leader had committed two newer revisions. The acknowledgements it
+    read on resuming were answers to what it sent before the pause, and its lease was
+    renewed from when an answer *arrived*. The lease must run from when the leader asked.
+    Here every answer to the leader is held 1.5 s on its way (longer than the 1 s fresh
+    window), so no answer it reads can prove it still leads within the window."""
+    timings = replace(FAST, election_timeout_min_s=2.0, election_timeout_max_s=3.0, heartbeat_s=0.1)
+    probe = LocalCluster(tmp_path / "ports", timings=timings)
+    mesh = MeshThread(probe.peers)
+    try:
+        cluster = LocalCluster(tmp_path, timings=timings, dial=mesh.do(mesh.mesh.dial_maps))
+        cluster.peers = probe.peers
+        with cluster:
+            cluster.start_all()
+            leader = cluster.leader()
+            node = cluster.nodes[leader]
+            wait_for("the leader fresh", lambda: node.status().fresh)
+            followers = [i for i in cluster.ids if i != leader]
+            mesh.do(lambda: [setattr(mesh.mesh.link(f, leader), "delay_ms", 1500) for f in followers])
+            time.sleep(2.0)  # what was answered before the delay has aged out
+            fresh_seen = 0
+            deadline = time.monotonic() + 3.0
+            while time.monotonic() < deadline:
+                st = node.status()
+                assert st.role == "leader", "the test needs the leader to keep leading"
+                fresh_seen += st.fresh
+                time.sleep(0.01)
+            assert fresh_seen == 0, f"fresh in {fresh_seen} samples on 1.5 s old acknowledgements"
+            mesh.do(lambda: [setattr(mesh.mesh.link(f, leader), "delay_ms", 0) for f in followers])
+            wait_for("fresh again once answers are prompt", lambda: node.status().fresh, timeout_s=10)
+    finally:
+        mesh.close()
