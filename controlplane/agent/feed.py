@@ -9,7 +9,7 @@ shares, then replaces it. A waiter costs one coroutine parked on a future.
 
 Timeouts share timers too (issue 15, item 2): a timer per waiter was one of the costs
 of a fan-out to ten thousand watchers. Deadlines are rounded up to `TIMER_GRAIN_S` and
-every waiter of one grain is released by the same loop timer (`TimerWheel`), so there
+every waiter of one grain is released by the same loop timer (`_TimerWheel`), so there
 are at most `wait / TIMER_GRAIN_S` timers however many waiters there are. A wait ends
 at most one grain after its deadline.
 
@@ -34,7 +34,7 @@ STATUS_TICK_S = 0.1
 TIMER_GRAIN_S = 0.05
 
 
-class TimerWheel:
+class _TimerWheel:
     """One loop timer per grain of deadline; each releases every waiter of its grain."""
 
     def __init__(self, grain_s: float = TIMER_GRAIN_S) -> None:
@@ -71,11 +71,8 @@ class RevisionFeed:
         self._is_stale = is_stale or (lambda: not store.status().has_quorum)
         # Waiters for the next change: resolved with True by `run()`, False by the wheel.
         self._waiters: set[asyncio.Future[bool]] = set()
-        self._wheel = TimerWheel()
+        self._wheel = _TimerWheel()
         self._key: tuple[str, int, bool] | None = None
-        # Called, before the waiters are woken, with what is served and whether this
-        # agent is stale, whenever either changes (the SSE hub writes to every stream).
-        self._listeners: list[Callable[[Decision | None, bool], None]] = []
 
     @property
     def decision(self) -> Decision | None:
@@ -83,11 +80,6 @@ class RevisionFeed:
 
     def stale(self) -> bool:
         return self._is_stale()
-
-    def listen(self, listener: Callable[[Decision | None, bool], None]) -> Callable[[], None]:
-        """Call `listener(decision, stale)` on every change; returns what stops it."""
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
 
     async def run(self, tick_s: float = STATUS_TICK_S) -> None:
         """Follow the store forever; wake waiters when the decision or staleness changes."""
@@ -103,8 +95,6 @@ class RevisionFeed:
             )
             if key != self._key:
                 self._key = key
-                for listener in list(self._listeners):
-                    listener(decision, key[2])
                 waiters, self._waiters = self._waiters, set()
                 for waiter in waiters:
                     if not waiter.done():

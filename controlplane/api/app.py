@@ -16,7 +16,7 @@ from aiohttp import web
 
 from controlplane.access import Scope
 from controlplane.agent.node import Node
-from controlplane.api import drills, lbs, ofrep, read, sse, ui, write
+from controlplane.api import drills, lbs, ofrep, read, ui, write
 from controlplane.api.auth import require
 from controlplane.api.common import CLOSE_AFTER, NODE, Handler, error_response, json_response, route_name
 from controlplane.errors import ControlplaneError
@@ -74,7 +74,6 @@ def create_app(node: Node) -> web.Application:
     )
     app[NODE] = node
     read.add_routes(app)
-    sse.add_routes(app)
     write.add_routes(app)
     lbs.add_routes(app)
     drills.add_routes(app)

@@ -7,6 +7,7 @@ keeps serving the last committed decision (static stability) and says so with
 
 from __future__ import annotations
 
+import asyncio
 import random
 import re
 from typing import Any
@@ -43,7 +44,8 @@ def decision_headers(request: web.Request, decision: Decision) -> dict[str, str]
     return headers
 
 
-def decision_body(node: Node, decision: Decision) -> dict[str, Any]:
+def decision_body(request: web.Request, decision: Decision) -> dict[str, Any]:
+    node = request.app[NODE]
     body = decision_to_json(decision)
     stale = node.stale_for_s()
     body["stale"] = stale is not None
@@ -53,7 +55,7 @@ def decision_body(node: Node, decision: Decision) -> dict[str, Any]:
     return body
 
 
-def encoded_decision(node: Node, decision: Decision) -> tuple[bytes, bytes]:
+def encoded_decision(request: web.Request, decision: Decision) -> tuple[bytes, bytes]:
     """The decision as JSON bytes and as an SSE event, encoded once per revision.
 
     Ten thousand waiters woken by one revision share the same bytes instead of each
@@ -61,11 +63,12 @@ def encoded_decision(node: Node, decision: Decision) -> tuple[bytes, bytes]:
     and most of its peak memory). Only a stale answer, whose age changes by the second,
     is encoded per request.
     """
+    node = request.app[NODE]
     fresh = node.stale_for_s() is None
     cached = node.encoded
     if fresh and cached is not None and cached[0] == decision.revision:
         return cached[1], cached[2]
-    data = orjson.dumps(decision_body(node, decision))
+    data = orjson.dumps(decision_body(request, decision))
     event = b"id: %s\nevent: decision\ndata: %s\n\n" % (position(decision).encode(), data)
     if fresh:
         node.encoded = (decision.revision, data, event)
@@ -148,7 +151,7 @@ async def get_decision(request: web.Request) -> web.StreamResponse:
     headers = decision_headers(request, decision)
     if request.headers.get("If-None-Match") == headers["ETag"] and "index" not in request.query:
         return web.Response(status=304, headers=headers)
-    body, _ = encoded_decision(request.app[NODE], decision)
+    body, _ = encoded_decision(request, decision)
     return web.Response(body=body, content_type="application/json", headers=headers)
 
 
@@ -245,6 +248,62 @@ async def get_features(request: web.Request) -> web.StreamResponse:
         "stale": node.stale_for_s() is not None,
     }
     return json_response(body, headers=decision_headers(request, decision))
+
+
+HEARTBEAT_S = 15.0
+SSE_WRITE_TIMEOUT_S = 10.0
+
+
+async def watch(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: one `decision` event per new revision, heartbeats between.
+
+    Resumes after `Last-Event-ID` (or `?index=`); without either the current decision
+    is sent first. A client that stops reading is dropped after a bounded write wait.
+    """
+    node = request.app[NODE]
+    epoch, last = parse_position(request.headers.get("Last-Event-ID") or request.query.get("index"))
+    epoch = parse_epoch(request.query.get("epoch")) or epoch
+    after = -1 if last is None else last
+    stale = False  # what the stream last said; the current state is sent first
+    with node.watcher():
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        while True:
+            decision = await node.feed.wait_past(after, HEARTBEAT_S, epoch=epoch, stale=stale)
+            now_stale = node.feed.stale()
+            if decision is not None and (decision.revision > after or decision.epoch != (epoch or "")):
+                _, chunk = encoded_decision(request, decision)
+                after, epoch, stale = decision.revision, decision.epoch, now_stale
+            elif now_stale != stale:
+                # No new revision, but the agent lost (or regained) quorum: say so now.
+                chunk = staleness_event(request, decision, now_stale)
+                stale = now_stale
+            else:
+                chunk = b": heartbeat\n\n"
+            async with asyncio.timeout(SSE_WRITE_TIMEOUT_S):
+                await response.write(chunk)
+
+
+def staleness_event(request: web.Request, decision: Decision | None, stale: bool) -> bytes:
+    """An SSE `stale` (or `fresh`) event: this agent lost (or regained) quorum."""
+    node = request.app[NODE]
+    stale_s = node.stale_for_s()
+    data = orjson.dumps(
+        {
+            "stale": stale,
+            "stale_s": None if stale_s is None else round(stale_s, 1),
+            "revision": decision.revision if decision else None,
+            "epoch": decision.epoch if decision else None,
+            "served_by": node.agent_id,
+        }
+    )
+    return b"event: %s\ndata: %s\n\n" % (b"stale" if stale else b"fresh", data)
 
 
 FORMATS = ("json", "haproxy", "nginx", "envoy")
@@ -365,6 +424,7 @@ async def get_metrics(request: web.Request) -> web.StreamResponse:
 
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/v1/features", get_features)
+    app.router.add_get("/v1/watch", watch)
     app.router.add_get("/v1/weights/{service}", get_weights)
     app.router.add_get("/v1/regions", get_regions)
     app.router.add_get("/v1/history", get_history)

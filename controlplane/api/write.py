@@ -255,7 +255,7 @@ async def post_plan(request: web.Request) -> web.StreamResponse:
             so_far, intents=apply_intent(so_far.intents, replace(intent, seq=seq)), intent_seq=seq
         )
     result = plan(policy, state, now, fail=parsed.fail, intents=intents)
-    body = decision_body(request.app[NODE], result)
+    body = decision_body(request, result)
     body["changes"] = changes(state.decision, result)
     body["refusals"] = refusals
     body["committed"] = False
