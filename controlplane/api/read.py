@@ -8,6 +8,7 @@ keeps serving the last committed decision (static stability) and says so with
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 from typing import Any
@@ -22,6 +23,8 @@ from controlplane.api.common import NODE, error_response, json_response
 from controlplane.decide.verdicts import is_fresh
 from controlplane.errors import NotFound, Rejected
 from controlplane.model import Decision, decision_to_json, observation_to_json
+
+log = logging.getLogger(__name__)
 
 
 def position(decision: Decision) -> str:
@@ -286,8 +289,22 @@ async def watch(request: web.Request) -> web.StreamResponse:
                 stale = now_stale
             else:
                 chunk = b": heartbeat\n\n"
-            async with asyncio.timeout(SSE_WRITE_TIMEOUT_S):
-                await response.write(chunk)
+            try:
+                async with asyncio.timeout(SSE_WRITE_TIMEOUT_S) as bound:
+                    await response.write(chunk)
+            except TimeoutError:
+                if not bound.expired():
+                    raise
+                # One line that says what happened, not a failed request's traceback.
+                log.warning(
+                    "dropped a watch stream from %s: it stopped reading (%.0f s without taking %d bytes)",
+                    request.remote,
+                    SSE_WRITE_TIMEOUT_S,
+                    len(chunk),
+                )
+                if request.transport is not None:
+                    request.transport.abort()
+                return response
 
 
 def staleness_event(request: web.Request, decision: Decision | None, stale: bool) -> bytes:
